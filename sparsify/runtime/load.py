@@ -1,0 +1,83 @@
+"""Load an artifact back into a runnable model, or open any model argument for evaluation.
+
+The model is rebuilt from the copied config with parameters on the meta device, each compressed
+Linear is swapped for a `SparseLinear` holding its packed tensors, and every other tensor is
+loaded with ``assign=True`` (no second allocation). Only allow-listed format names and only
+safetensors are read.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from sparsify import registry
+from sparsify.errors import UserError
+from sparsify.exporters.artifact import MANIFEST_NAME, read_manifest
+from sparsify.exporters.safetensors_io import read_tensors
+from sparsify.runtime.meta import check_loaded, params_on_meta
+from sparsify.runtime.sparse_linear import SparseLinear
+
+
+def _build_skeleton(path: Path, manifest: dict):
+    import transformers
+    from transformers import AutoConfig
+
+    from sparsify.models.family import family_of
+
+    config = AutoConfig.from_pretrained(path)
+    family = family_of(config)
+    dtype = getattr(torch, manifest.get("dtype", "float32"))
+    with params_on_meta():
+        model = getattr(transformers, family.auto_class).from_config(config, dtype=dtype)
+    return model, family, config, dtype
+
+
+def load_artifact(path: str | Path, device: str = "cpu"):
+    """Rebuild an artifact as a `LoadedModel` whose compressed Linears are `SparseLinear`."""
+    from sparsify.models.load import LoadedModel, ModelSource, preprocessing
+
+    path = Path(path)
+    manifest = read_manifest(path)
+    if not (path / "config.json").exists():
+        raise UserError(f"{path} holds pruned bare weights (no config.json), which cannot run: "
+                        "use 'sparsify info' for its sizes, or prune the model directory instead")
+    registry._load_all()
+    model, family, config, dtype = _build_skeleton(path, manifest)
+    tensors = read_tensors(path)
+    for name, entry in manifest["tensors"].items():
+        if entry["format"] not in registry.FORMATS:
+            raise UserError(f"{name}: unknown packed format {entry['format']!r}: upgrade sparsify")
+        module = entry["module"]
+        packed = {k: tensors.pop(f"{module}.{k}") for k in entry["keys"]}
+        bias = tensors.pop(f"{module}.bias", None)
+        model.set_submodule(module, SparseLinear(entry["format"], entry["attrs"], packed, bias))
+    model.load_state_dict(tensors, strict=False, assign=True)
+    for name, other in manifest.get("tied", {}).items():
+        owner, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(owner), attr, model.get_parameter(other))
+    try:
+        check_loaded(model)
+    except ValueError as e:
+        raise UserError(f"{path} is incomplete ({e}): re-run 'sparsify prune'") from None
+    model.eval().to(device)
+    source = ModelSource(path=path, kind="hf-dir", config_dir=path, weight_files=[], alias=None)
+    tokenizer, size, mean, std = preprocessing(path, family, config)
+    return LoadedModel(model=model, family=family, config=config, tokenizer=tokenizer, image_size=size,
+                       image_mean=mean, image_std=std, source=source, dtype=dtype), manifest
+
+
+def is_artifact(arg: str | Path) -> bool:
+    return (Path(arg) / MANIFEST_NAME).is_file()
+
+
+def open_model(arg: str, dtype: str | None = None, device: str = "cpu", cache_dir: str | None = None):
+    """An artifact directory or any model argument (path or alias) -> (LoadedModel, manifest or None)."""
+    if is_artifact(arg):
+        return load_artifact(arg, device=device)
+    from sparsify.models.load import load_model, resolve
+
+    source = resolve(arg, cache_dir=cache_dir)
+    if source.kind != "hf-dir":
+        raise UserError(f"{arg} is a bare safetensors file without config.json: it cannot run; pass a model directory")
+    return load_model(source, dtype=dtype, device=device), None

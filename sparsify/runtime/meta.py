@@ -1,0 +1,41 @@
+"""Build a model skeleton whose parameters are on the meta device but whose buffers are real.
+
+Non-persistent buffers (rotary ``inv_freq``, BERT ``position_ids``) are not in checkpoints and must be
+computed at construction; parameters are replaced by `load_state_dict(assign=True)`, so allocating
+and initialising them would only cost time and double the memory.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+from torch import nn
+
+
+@contextmanager
+def params_on_meta():
+    original = nn.Module.register_parameter
+
+    def register(module, name, param):
+        original(module, name, param)
+        if param is not None and param.device.type != "meta":
+            kwargs = {"requires_grad": param.requires_grad}
+            module._parameters[name] = type(param)(param.to("meta"), **kwargs)  # init then touches meta only
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def meta_parameters(model: nn.Module) -> list[str]:
+    return [n for n, p in model.named_parameters() if p.device.type == "meta"] + [
+        n for n, b in model.named_buffers() if b.device.type == "meta"
+    ]
+
+
+def check_loaded(model: nn.Module) -> None:
+    left = meta_parameters(model)
+    if left:
+        raise ValueError(f"{len(left)} tensors were not in the checkpoint, e.g. {left[:3]}")
+

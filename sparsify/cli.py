@@ -78,7 +78,9 @@ def prune(
     scheme: str = typer.Option("unstructured", help="unstructured | N:M (2:4, 4:8, ...)."),
     sparsity: float = typer.Option(0.5, help="Fraction removed, in [0, 1) (unstructured)."),
     per: str = typer.Option("row", help="unstructured threshold per output 'row' or per 'layer'."),
-    quant: str = typer.Option("none", help="Weight quantization: none."),
+    quant: str = typer.Option("none", help="none | int8 (per channel) | int4 (per group) | fp8 (e4m3, per channel) | w8a8 (int8 weights and activations)."),
+    group_size: Optional[int] = typer.Option(None, help="int4 group size along the input dim: 32, 64, 128 (default) or 0 for per channel."),
+    distill_steps: int = typer.Option(0, help="Sparse distillation steps after pruning, dense model as teacher (0: off)."),
     targets: list[str] = typer.Option(None, "--targets", help="Glob (or re:REGEX) of Linear names to prune; repeatable."),
     ignore: list[str] = typer.Option(None, "--ignore", help="Glob (or re:REGEX) of names to leave dense; repeatable."),
     calib: str = typer.Option("builtin", help="Calibration data: builtin, a .txt / .jsonl file, or an image folder."),
@@ -99,20 +101,21 @@ def prune(
     from sparsify.errors import UserError
     from sparsify.pipeline import prune as run_prune
 
-    if quant != "none":
-        raise UserError(f"--quant {quant}: quantization is not available in this version; use --quant none")
     if samples < 1 or seq_len < 2 or batch_size < 1:
         raise UserError("--samples, --batch-size must be >= 1 and --seq-len >= 2")
     if method is None:
         method = "magnitude" if model.endswith(".safetensors") and not _has_config(model) else "wanda"
     config = PruneConfig(
-        method=method, scheme=scheme, sparsity=sparsity, per=per, quant=quant, targets=targets or None,
+        method=method, scheme=scheme, sparsity=sparsity, per=per, quant=quant, group_size=group_size,
+        distill_steps=distill_steps, targets=targets or None,
         ignore=ignore or None, method_args=_parse_method_args(method_arg),
         calib=CalibConfig(source=calib, samples=samples, seq_len=seq_len, seed=seed, batch_size=batch_size),
         device=_device(device), dtype=dtype)
     manifest = run_prune(model, config, output, overwrite=overwrite, cache_dir=cache_dir,
                          trust_remote_code=trust_remote_code)
-    _emit(manifest, as_json, lambda m: _prune_summary(m, output))
+    from sparsify.render import prune_summary
+
+    _emit(manifest, as_json, lambda m: prune_summary(m, output))
 
 
 def _has_config(path: str) -> bool:
@@ -127,22 +130,6 @@ def _device(name: str) -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _prune_summary(m: dict, output: str):
-    from rich.table import Table
-
-    t = Table(title=f"sparsify prune -> {output}", show_header=False)
-    cfg, tot = m["config"], m["totals"]
-    t.add_row("method / scheme", f"{cfg['method']} / {cfg['scheme']}" + (f" ({cfg['sparsity']:.0%})" if cfg["scheme"] == "unstructured" else ""))
-    t.add_row("pruned layers", f"{tot['targets']} ({len(m.get('skipped', {}))} skipped)")
-    t.add_row("sparsity (pruned layers)", f"{tot['sparsity']:.2%}")
-    t.add_row("packed / dense bytes", f"{tot['packed_bytes'] / 1e6:.1f} MB / {tot['dense_bytes'] / 1e6:.1f} MB = {tot['ratio']:.3f}x")
-    if m.get("calibration"):
-        c = m["calibration"]
-        t.add_row("calibration", f"{c['source']}: {c['samples']} x {c['seq_len']} (seed {c['seed']})")
-    t.add_row("time / peak RSS", f"{m['timing']['prune_s']:.1f} s / {m['timing']['peak_rss_mb']:.0f} MB")
-    return [t]
 
 
 @app.command("eval")
@@ -183,6 +170,57 @@ def info(
     from sparsify.exporters.artifact import read_manifest
 
     _emit(read_manifest(artifact), as_json, info_table)
+
+
+@app.command()
+@handles_errors
+def bench(
+    artifact: str = typer.Argument(..., help="Artifact directory written by 'sparsify prune'."),
+    tokens: list[int] = typer.Option([1, 16, 128], "--tokens", help="Token counts for the per-layer timings; repeatable."),
+    prompt_len: int = typer.Option(128, help="Prompt length of the whole-model prefill (decode runs on top of it)."),
+    reps: int = typer.Option(7, help="Timed repetitions (median reported)."),
+    device: str = typer.Option("auto", help="cpu, cuda, or auto."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+):
+    """Time the packed artifact against its dense twin: each layer shape, prefill and decode."""
+    from sparsify.eval.latency import bench as run_bench
+    from sparsify.render import bench_tables
+
+    _emit(run_bench(artifact, token_counts=tuple(tokens), prompt_len=prompt_len, device=_device(device), reps=reps),
+          as_json, bench_tables)
+
+
+@app.command()
+@handles_errors
+def export(
+    artifact: str = typer.Argument(..., help="Artifact directory written by 'sparsify prune'."),
+    onnx: bool = typer.Option(False, "--onnx", help="Export ONNX (checked against PyTorch with onnxruntime)."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="hf-dense: a plain Hugging Face directory (zeros kept)."),
+    output: Optional[str] = typer.Option(None, "-o", "--output", help="ONNX file or hf-dense directory to create."),
+    opset: Optional[int] = typer.Option(None, help="ONNX opset (default: 21 for int4, else 18)."),
+    verify: bool = typer.Option(True, help="Run the ONNX file with onnxruntime and compare with PyTorch."),
+    tolerance: Optional[float] = typer.Option(None, help="Max abs error allowed by --verify (default per dtype/quant)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+):
+    """Export an artifact as ONNX or as a dense Hugging Face directory."""
+    from sparsify.errors import UserError
+    from sparsify.render import export_summary
+
+    if onnx == (fmt is not None):
+        raise UserError("choose one: --onnx or --format hf-dense")
+    if onnx:
+        from sparsify.exporters.onnx import export_onnx
+
+        result = export_onnx(artifact, output, opset=opset, verify=verify, tolerance=tolerance)
+    elif fmt == "hf-dense":
+        from sparsify.exporters.hf_dense import export_hf_dense
+
+        if not output:
+            raise UserError("--format hf-dense needs -o DIR")
+        result = export_hf_dense(artifact, output)
+    else:
+        raise UserError(f"--format {fmt!r}: use hf-dense (or --onnx)")
+    _emit(result, as_json, export_summary)
 
 
 @models_app.callback()

@@ -87,7 +87,9 @@ class PruneConfig:
     scheme: Scheme = field(default_factory=lambda: Scheme("unstructured"))
     sparsity: float = 0.5
     per: str = "row"  # unstructured only: "row" (each output row) or "layer" (one threshold)
-    quant: str = "none"
+    quant: str = "none"  # none | int8 | int4 | fp8 | w8a8 (see sparsify.quant.spec)
+    group_size: int | None = None  # int4 quantization group along the input dim (None: the quantizer's default)
+    distill_steps: int = 0  # sparse distillation steps after pruning (0: off)
     targets: list[str] | None = None
     ignore: list[str] | None = None
     method_args: dict = field(default_factory=dict)

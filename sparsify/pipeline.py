@@ -1,8 +1,9 @@
-"""`prune()`: model argument -> calibrated, pruned, packed artifact directory.
+"""`prune()`: model argument -> calibrated, pruned (and quantized), packed artifact directory.
 
 The offline step only: resolve and load the checkpoint, draw calibration data, run the
-block-by-block runner with the chosen pruner, then pack every targeted weight and write the
-artifact atomically. Bare ``.safetensors`` files (no config) go to `sparsify.bare`.
+block-by-block runner with the chosen pruner (quantizing each weight right after, or inside
+SparseGPT's column loop), then pack every targeted weight and write the artifact atomically.
+Bare ``.safetensors`` files (no config) go to `sparsify.bare`.
 """
 from __future__ import annotations
 
@@ -40,23 +41,20 @@ def _max_text_len(config) -> int | None:
     return getattr(text, "max_position_embeddings", None)
 
 
-def _calibration_batches(loaded, config: PruneConfig) -> list[dict]:
+def calibration_batches(loaded, calib) -> list[dict]:
     from sparsify.calibrate.data import build_batches
 
-    return build_batches(loaded.family.inputs, config.calib, tokenizer=loaded.tokenizer,
+    return build_batches(loaded.family.inputs, calib, tokenizer=loaded.tokenizer,
                          image_size=loaded.image_size, image_mean=loaded.image_mean,
                          image_std=loaded.image_std, max_text_len=_max_text_len(loaded.config))
 
 
-def prune_model(loaded, config: PruneConfig, pruner, method_cfg) -> tuple[dict[str, torch.nn.Linear], dict, dict]:
-    """Prune ``loaded.model`` in place. Returns (pruned Linears by name, skipped {name: reason}, calibration info)."""
-    from sparsify.models.layout import find_blocks, find_targets
+def select_targets(model, config: PruneConfig) -> tuple[dict[str, dict[str, torch.nn.Linear]], dict[str, str]]:
+    """Targeted Linears grouped by block ({block: {name: Linear}}), and {name: reason} for skipped ones."""
+    from sparsify.models.layout import find_targets
 
-    model = loaded.model
-    blocks = find_blocks(model)
-    by_block = find_targets(model, config.targets, config.ignore)
     targets, skipped = {}, {}
-    for block_name, names in by_block.items():
+    for block_name, names in find_targets(model, config.targets, config.ignore).items():
         for name in names:
             lin = model.get_submodule(name)
             reason = skip_reason(lin.weight, config.scheme)
@@ -64,27 +62,62 @@ def prune_model(loaded, config: PruneConfig, pruner, method_cfg) -> tuple[dict[s
                 skipped[name] = reason
             else:
                 targets.setdefault(block_name, {})[name] = lin
+    if not targets:
+        raise UserError("no layer can be pruned: check --targets / --ignore and the scheme"
+                        + (f" ({next(iter(skipped.values()))})" if skipped else ""))
+    return targets, skipped
+
+
+def make_layer_fn(pruner, config: PruneConfig, method_cfg, spec):
+    """(weight, stats) -> (pruned weight, quant params or None): the per-layer step of the runner."""
+    from sparsify.quant import rtn
+
+    def step(weight: torch.Tensor, stats):
+        if spec is not None and pruner.joint_quant:
+            quantize = rtn.column_quantizer(weight, spec)
+            new = pruner.prune(weight, stats, config.scheme, config.sparsity, config.per, method_cfg,
+                               quantize=quantize)
+            return new, quantize.params
+        new = pruner.prune(weight, stats, config.scheme, config.sparsity, config.per, method_cfg)
+        if spec is None:
+            return new, None
+        return rtn.fake_quantize(new, spec)
+
+    return step
+
+
+def prune_model(loaded, config: PruneConfig, pruner, method_cfg, spec=None):
+    """Prune (and quantize) ``loaded.model`` in place.
+
+    Returns (pruned Linears by name, quant params by name, skipped {name: reason}, calibration info).
+    """
+    from sparsify.models.layout import find_blocks
+
+    model = loaded.model
+    targets, skipped = select_targets(model, config)
     calib_info, batches, make_acc = None, [], None
     if pruner.stats:
-        batches = _calibration_batches(loaded, config)
+        batches = calibration_batches(loaded, config.calib)
         acc_cls = registry.ACCUMULATORS[pruner.stats]
         make_acc = lambda n: acc_cls(n, device=config.device)  # noqa: E731
         c = config.calib
-        tokens = sum(int(b["input_ids"].numel()) for b in batches if "input_ids" in b)
+        tokens = sum(int(b["attention_mask"].sum()) for b in batches if "attention_mask" in b)
         calib_info = {"source": c.source, "samples": c.samples, "seq_len": c.seq_len, "seed": c.seed,
                       "batches": len(batches), "tokens": tokens}
+    step, qparams = make_layer_fn(pruner, config, method_cfg, spec), {}
 
     def on_block(block_targets, stats):
         for name, lin in block_targets.items():
-            new = pruner.prune(lin.weight.data, stats[name], config.scheme, config.sparsity, config.per, method_cfg)
+            new, qparams[name] = step(lin.weight.data, stats[name])
             lin.weight.data.copy_(new)
 
-    runner.run(model, blocks, targets, batches, make_acc, on_block, device=config.device)
+    runner.run(model, find_blocks(model), targets, batches, make_acc, on_block, device=config.device)
     flat = {name: lin for block in targets.values() for name, lin in block.items()}
-    return flat, skipped, calib_info
+    return flat, qparams, skipped, calib_info
 
 
-def write_artifact(loaded, flat: dict, config: PruneConfig, out: Path, overwrite: bool, manifest: dict) -> dict:
+def write_artifact(loaded, flat: dict, qparams: dict, config: PruneConfig, out: Path, overwrite: bool,
+                   manifest: dict) -> dict:
     """Pack targeted weights, copy the rest as they are, dedupe tied tensors, write atomically."""
     fmt, options = format_for(config.scheme)
     entries, tied, seen = {}, {}, {}
@@ -98,7 +131,9 @@ def write_artifact(loaded, flat: dict, config: PruneConfig, out: Path, overwrite
                 continue
             seen[key] = name
             if module in flat and name.endswith(".weight"):
-                packed, entries[name] = pack_weight(module, tensor.to("cpu"), fmt, options)
+                quant = qparams.get(module)
+                opts = options if quant is None else {**options, "quant": quant}
+                packed, entries[name] = pack_weight(module, tensor.to("cpu"), fmt, opts)
                 for k, t in packed.items():
                     w.tensors.add(f"{module}.{k}", t)
             else:
@@ -113,29 +148,38 @@ def prune(model: str, config: PruneConfig, out: str | Path, *, overwrite: bool =
           cache_dir: str | None = None, trust_remote_code: bool = False) -> dict:
     """Prune ``model`` (path or alias) with ``config`` into the artifact directory ``out``; returns the manifest."""
     from sparsify.models.load import load_model, resolve, sha256_files
+    from sparsify.quant.spec import QuantSpec
 
     source = resolve(model, cache_dir=cache_dir)
     out = check_output(out, [source.path, *source.weight_files], overwrite)
     pruner = registry.get(registry.PRUNERS, config.method, "method")
     method_cfg = method_config(pruner, config.method_args)
+    spec = QuantSpec.parse(config.quant, config.group_size)
     format_for(config.scheme)  # fail early on schemes without a packed format
     if source.kind == "safetensors-file":
         from sparsify.bare import prune_bare
 
+        if spec is not None or config.distill_steps:
+            raise UserError("a bare .safetensors file supports magnitude pruning only: drop --quant/--distill-steps "
+                            "or pass the model directory (with config.json)")
         return prune_bare(source, config, pruner, method_cfg, out, overwrite)
     t0 = time.perf_counter()
     loaded = load_model(source, dtype=config.dtype, device=config.device, trust_remote_code=trust_remote_code)
-    flat, skipped, calib_info = prune_model(loaded, config, pruner, method_cfg)
+    flat, qparams, skipped, calib_info = prune_model(loaded, config, pruner, method_cfg, spec)
     prune_s = time.perf_counter() - t0
+    distill = None
+    if config.distill_steps:
+        from sparsify.distill import distill_model
+
+        distill = distill_model(loaded, flat, qparams, config, source)
     manifest = {
         "sparsify_version": __version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "source": {"path": str(source.path), "alias": source.alias, "family": loaded.family.name,
                    "model_type": loaded.config.model_type, "files": sha256_files(source)},
         "dtype": str(loaded.dtype).removeprefix("torch."),
         "config": {**config.to_json(), "method_args": dataclasses.asdict(method_cfg)},
-        "calibration": calib_info, "skipped": skipped,
+        "quant": None if spec is None else spec.to_json(),
+        "calibration": calib_info, "distill": distill, "skipped": skipped,
         "timing": {"prune_s": round(prune_s, 2), "peak_rss_mb": round(peak_rss_mb(), 1)},
     }
-    if not flat:
-        raise UserError("no layer was pruned: check --targets / --ignore (see 'sparsify info' of the model)")
-    return write_artifact(loaded, flat, config, out, overwrite, manifest)
+    return write_artifact(loaded, flat, qparams, config, out, overwrite, manifest)

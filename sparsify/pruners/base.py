@@ -23,3 +23,4 @@ class Pruner:
     stats: str | None  # key into registry.ACCUMULATORS, None when data-free
     prune: Callable  # (weight, stats, scheme, sparsity, per, config) -> Tensor
     summary: str = ""
+    joint_quant: bool = False  # prune() takes ``quantize=`` and quantizes inside its own loop (SparseGPT)

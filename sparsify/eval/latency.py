@@ -1,0 +1,104 @@
+"""`sparsify bench`: time the packed artifact against its own dense twin, layer shape by layer shape
+and for whole forwards (prefill and single-token decode), side by side in one process.
+
+The dense twin is the same model with every `SparseLinear` unpacked into a plain Linear, so the
+ratio isolates what the packed weights and their kernels gain or lose. The bytes limit is
+dense weight bytes / packed weight bytes: a memory-bound kernel cannot beat it.
+"""
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from sparsify import kernels
+
+
+def timeit(fn, device: str, warmup: int = 2, reps: int = 7) -> float:
+    """Median wall time of ``fn()`` in seconds (synchronising CUDA around each call)."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _layer_rows(model, token_counts, device, reps) -> list[dict]:
+    from sparsify.runtime.densify import sparse_modules
+
+    rows, seen = [], set()
+    for name, mod in sparse_modules(model).items():
+        key = (mod.fmt, tuple(mod.attrs["shape"]), mod.attrs.get("quant"))
+        if key in seen:
+            continue
+        seen.add(key)
+        packed, dense = mod.packed(), mod.dense_weight()  # dense: (out, in)
+        packed_bytes = sum(t.numel() * t.element_size() for t in packed.values())
+        dense_bytes = dense.numel() * dense.element_size()
+        for tokens in token_counts:
+            x = torch.randn(tokens, mod.in_features, dtype=dense.dtype, device=device)  # (tokens, in)
+            t_sparse = timeit(lambda: kernels.linear(x, mod.fmt, packed, mod.attrs), device, reps=reps)
+            t_dense = timeit(lambda: F.linear(x, dense), device, reps=reps)
+            rows.append({"layer": name, "format": mod.fmt, "quant": mod.attrs.get("quant"),
+                         "shape": list(mod.attrs["shape"]), "tokens": tokens,
+                         "kernel": kernels.kernel_name(x, mod.fmt, mod.attrs),
+                         "sparse_ms": t_sparse * 1e3, "dense_ms": t_dense * 1e3, "speedup": t_dense / t_sparse,
+                         "bytes_limit": dense_bytes / packed_bytes})
+    return rows
+
+
+def _forward_rows(loaded, dense_model, prompt_len, device, reps) -> list[dict]:
+    """Whole-model forwards: prefill of ``prompt_len`` tokens and, for causal LMs, one decode step."""
+    from sparsify.calibrate.runner import _to  # noqa: PLC2701 (shared nested-move helper)
+
+    model, family = loaded.model, loaded.family
+    size = loaded.image_size or 32
+    inputs = {"text": {"input_ids": torch.randint(10, 1000, (1, prompt_len))},
+              "image": {"pixel_values": torch.randn(1, 3, size, size)},
+              "image-text": {"input_ids": torch.randint(10, 1000, (1, min(prompt_len, 64))),
+                             "pixel_values": torch.randn(1, 3, size, size)}}[family.inputs]
+    inputs = _to(inputs, device)
+    rows = []
+    with torch.inference_mode():
+        for label, m in (("sparse", model), ("dense", dense_model)):
+            t = timeit(lambda: m(**inputs), device, warmup=1, reps=reps)
+            rows.append({"phase": "prefill", "model": label, "tokens": prompt_len, "ms": t * 1e3})
+            if family.name == "causal-lm":
+                past = m(**inputs, use_cache=True).past_key_values
+                nxt = inputs["input_ids"][:, -1:]
+
+                def decode():  # one new token on a prompt_len cache, then drop it again
+                    m(input_ids=nxt, past_key_values=past, use_cache=True)
+                    past.crop(prompt_len)
+
+                t = timeit(decode, device, warmup=1, reps=reps)
+                rows.append({"phase": "decode", "model": label, "tokens": 1, "ms": t * 1e3})
+    return rows
+
+
+def bench(artifact: str, *, token_counts=(1, 16, 128), prompt_len: int = 128, device: str = "cpu",
+          reps: int = 7) -> dict:
+    """Time an artifact against its dense twin. Returns {"layers": [...], "forward": [...], ...}."""
+    from sparsify.runtime.densify import densify
+    from sparsify.runtime.load import load_artifact
+
+    loaded, manifest = load_artifact(artifact, device=device)
+    dense_model = densify(copy.deepcopy(loaded.model))
+    layers = _layer_rows(loaded.model, token_counts, device, reps)
+    forward = _forward_rows(loaded, dense_model, prompt_len, device, reps)
+    by = {(r["phase"], r["model"]): r["ms"] for r in forward}
+    ratios = {phase: by[(phase, "dense")] / by[(phase, "sparse")] for phase in ("prefill", "decode")
+              if (phase, "sparse") in by}
+    t = manifest["totals"]
+    return {"artifact": str(artifact), "device": device, "torch_threads": torch.get_num_threads(),
+            "layers": layers, "forward": forward, "forward_speedup": ratios,
+            "bytes_limit": t["dense_bytes"] / max(1, t["packed_bytes"])}

@@ -1,0 +1,60 @@
+"""Rich renderings of the CLI's results (prune summary, bench and export tables).
+
+Each function takes the JSON-able dict a library call returned and gives rich renderables, so
+``--json`` and the tables always show the same numbers.
+"""
+from __future__ import annotations
+
+from rich.table import Table
+
+
+def prune_summary(m: dict, output: str) -> list:
+    t = Table(title=f"sparsify prune -> {output}", show_header=False)
+    cfg, tot = m["config"], m["totals"]
+    scheme = cfg["scheme"] + (f" ({cfg['sparsity']:.0%})" if cfg["scheme"] == "unstructured" else "")
+    t.add_row("method / scheme", f"{cfg['method']} / {scheme}")
+    if cfg.get("quant", "none") != "none":
+        t.add_row("quantization", str(m.get("quant") or cfg["quant"]))
+    t.add_row("pruned layers", f"{tot['targets']} ({len(m.get('skipped', {}))} skipped)")
+    t.add_row("sparsity (pruned layers)", f"{tot['sparsity']:.2%}")
+    t.add_row("packed / dense bytes",
+              f"{tot['packed_bytes'] / 1e6:.1f} MB / {tot['dense_bytes'] / 1e6:.1f} MB = {tot['ratio']:.3f}x")
+    if m.get("calibration"):
+        c = m["calibration"]
+        t.add_row("calibration", f"{c['source']}: {c['samples']} x {c['seq_len']} tokens (seed {c['seed']})")
+    if m.get("distill"):
+        d = m["distill"]
+        t.add_row("distillation", f"{d.get('steps')} steps ({d.get('mode')}), {d.get('wall_s', 0):.0f} s")
+    t.add_row("time / peak RSS", f"{m['timing']['prune_s']:.1f} s / {m['timing']['peak_rss_mb']:.0f} MB")
+    return [t]
+
+
+def bench_tables(r: dict) -> list:
+    layers = Table("layer shape", "format", "tokens", "kernel", "packed ms", "dense ms", "speedup", "bytes limit",
+                   title=f"per layer shape on {r['device']} ({r['torch_threads']} threads)")
+    for row in r["layers"]:
+        fmt = row["format"] + (f"+{row['quant']}" if row["quant"] else "")
+        layers.add_row("x".join(map(str, row["shape"])), fmt, str(row["tokens"]), row["kernel"],
+                       f"{row['sparse_ms']:.3f}", f"{row['dense_ms']:.3f}", f"{row['speedup']:.2f}x",
+                       f"{row['bytes_limit']:.2f}x")
+    whole = Table("phase", "tokens", "packed ms", "dense ms", "speedup", title="whole model")
+    by = {(f["phase"], f["model"]): f for f in r["forward"]}
+    for phase in ("prefill", "decode"):
+        if (phase, "sparse") in by:
+            s, d = by[(phase, "sparse")], by[(phase, "dense")]
+            whole.add_row(phase, str(s["tokens"]), f"{s['ms']:.2f}", f"{d['ms']:.2f}",
+                          f"{d['ms'] / s['ms']:.2f}x")
+    return [layers, whole, f"bytes limit of the whole artifact's packed weights: {r['bytes_limit']:.2f}x"]
+
+
+def export_summary(r: dict) -> list:
+    t = Table(show_header=False, title="sparsify export")
+    for key, value in r.items():
+        if isinstance(value, float):
+            value = f"{value:.3g}"
+        elif isinstance(value, (list, tuple)):
+            value = "\n".join(map(str, value))
+        elif isinstance(value, dict):
+            value = ", ".join(f"{k}={v}" for k, v in value.items())
+        t.add_row(key.replace("_", " "), str(value))
+    return [t]

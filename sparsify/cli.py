@@ -80,6 +80,7 @@ def prune(
     per: str = typer.Option("row", help="unstructured threshold per output 'row' or per 'layer'."),
     quant: str = typer.Option("none", help="none | int8 (per channel) | int4 (per group) | fp8 (e4m3, per channel) | w8a8 (int8 weights and activations)."),
     group_size: Optional[int] = typer.Option(None, help="int4 group size along the input dim: 32, 64, 128 (default) or 0 for per channel."),
+    joint_quant: bool = typer.Option(True, "--joint-quant/--rtn-quant", help="SparseGPT: quantize inside its column loop (joint) or round after pruning."),
     distill_steps: int = typer.Option(0, help="Sparse distillation steps after pruning, dense model as teacher (0: off)."),
     targets: list[str] = typer.Option(None, "--targets", help="Glob (or re:REGEX) of Linear names to prune; repeatable."),
     ignore: list[str] = typer.Option(None, "--ignore", help="Glob (or re:REGEX) of names to leave dense; repeatable."),
@@ -107,7 +108,7 @@ def prune(
         method = "magnitude" if model.endswith(".safetensors") and not _has_config(model) else "wanda"
     config = PruneConfig(
         method=method, scheme=scheme, sparsity=sparsity, per=per, quant=quant, group_size=group_size,
-        distill_steps=distill_steps, targets=targets or None,
+        joint_quant=joint_quant, distill_steps=distill_steps, targets=targets or None,
         ignore=ignore or None, method_args=_parse_method_args(method_arg),
         calib=CalibConfig(source=calib, samples=samples, seq_len=seq_len, seed=seed, batch_size=batch_size),
         device=_device(device), dtype=dtype)

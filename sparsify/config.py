@@ -89,6 +89,7 @@ class PruneConfig:
     per: str = "row"  # unstructured only: "row" (each output row) or "layer" (one threshold)
     quant: str = "none"  # none | int8 | int4 | fp8 | w8a8 (see sparsify.quant.spec)
     group_size: int | None = None  # int4 quantization group along the input dim (None: the quantizer's default)
+    joint_quant: bool = True  # quantize inside the pruner's loop when it can (SparseGPT); False: prune, then round
     distill_steps: int = 0  # sparse distillation steps after pruning (0: off)
     targets: list[str] | None = None
     ignore: list[str] | None = None

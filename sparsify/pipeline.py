@@ -73,7 +73,7 @@ def make_layer_fn(pruner, config: PruneConfig, method_cfg, spec):
     from sparsify.quant import rtn
 
     def step(weight: torch.Tensor, stats):
-        if spec is not None and pruner.joint_quant:
+        if spec is not None and pruner.joint_quant and config.joint_quant:
             quantize = rtn.column_quantizer(weight, spec)
             new = pruner.prune(weight, stats, config.scheme, config.sparsity, config.per, method_cfg,
                                quantize=quantize)
@@ -165,8 +165,9 @@ def prune(model: str, config: PruneConfig, out: str | Path, *, overwrite: bool =
         return prune_bare(source, config, pruner, method_cfg, out, overwrite)
     t0 = time.perf_counter()
     loaded = load_model(source, dtype=config.dtype, device=config.device, trust_remote_code=trust_remote_code)
+    t1 = time.perf_counter()
     flat, qparams, skipped, calib_info = prune_model(loaded, config, pruner, method_cfg, spec)
-    prune_s = time.perf_counter() - t0
+    prune_s, calibrate_prune_s = time.perf_counter() - t0, time.perf_counter() - t1
     distill = None
     if config.distill_steps:
         from sparsify.distill import distill_model
@@ -180,6 +181,6 @@ def prune(model: str, config: PruneConfig, out: str | Path, *, overwrite: bool =
         "config": {**config.to_json(), "method_args": dataclasses.asdict(method_cfg)},
         "quant": None if spec is None else spec.to_json(),
         "calibration": calib_info, "distill": distill, "skipped": skipped,
-        "timing": {"prune_s": round(prune_s, 2), "peak_rss_mb": round(peak_rss_mb(), 1)},
+        "timing": {"prune_s": round(prune_s, 2), "calibrate_prune_s": round(calibrate_prune_s, 2), "peak_rss_mb": round(peak_rss_mb(), 1)},
     }
     return write_artifact(loaded, flat, qparams, config, out, overwrite, manifest)

@@ -1,0 +1,32 @@
+"""Packed weight formats: name -> `Format` in `sparsify.registry.FORMATS` (nm, bitmask, dense).
+
+The packer -> file / kernel handoff is a flat ``dict[str, Tensor]`` plus JSON attrs.
+"""
+from __future__ import annotations
+
+from sparsify import registry
+from sparsify.errors import UserError
+from sparsify.formats import bitmask, dense, nm  # noqa: F401  (registration)
+from sparsify.formats.base import nbytes  # noqa: F401
+from sparsify.formats.nm import nm_mask_ok  # noqa: F401
+
+_BY_SCHEME = {
+    "nm": lambda s: ("nm", {"n": s.n, "m": s.m}),
+    "unstructured": lambda s: ("bitmask", {}),
+    "dense": lambda s: ("dense", {}),
+}
+
+
+def format_for(scheme) -> tuple[str, dict]:
+    """The packed format (name, pack options) that stores a scheme."""
+    if scheme.kind not in _BY_SCHEME:
+        raise UserError(f"scheme {scheme} has no packed format in this version: use unstructured or N:M")
+    return _BY_SCHEME[scheme.kind](scheme)
+
+
+def pack(name: str, weight, **options):
+    return registry.get(registry.FORMATS, name, "packed format").pack(weight, **options)
+
+
+def unpack(name: str, tensors: dict, attrs: dict):
+    return registry.get(registry.FORMATS, name, "packed format").unpack(tensors, attrs)

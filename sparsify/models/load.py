@@ -1,0 +1,138 @@
+"""Resolve a model argument (directory, .safetensors file, alias) and load it with transformers.
+
+Only safetensors are ever read (``use_safetensors=True``); pickle checkpoints are refused with the
+fix. ``trust_remote_code`` is off unless the user passes it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from sparsify.errors import UserError
+from sparsify.models.family import Family, family_of
+
+_PICKLE = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+@dataclass
+class ModelSource:
+    path: Path
+    kind: str  # "hf-dir" | "safetensors-file"
+    config_dir: Path | None
+    weight_files: list[Path] = field(default_factory=list)
+    alias: str | None = None
+
+
+def _weights_in(d: Path) -> list[Path]:
+    index = d / "model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [d / s for s in shards]
+    return sorted(d.glob("*.safetensors"))
+
+
+def resolve(arg: str, cache_dir: str | None = None) -> ModelSource:
+    from sparsify.models.aliases import ALIASES, resolve_alias
+
+    arg = str(arg)
+    if arg in ALIASES:
+        d = resolve_alias(arg, cache_dir)
+        return ModelSource(d, "hf-dir", d, _weights_in(d), alias=arg)
+    path = Path(arg).expanduser()
+    if not path.exists():
+        hint = f" (built-in aliases: {', '.join(ALIASES)})" if "/" not in arg and "." not in arg else ""
+        raise UserError(f"{arg} does not exist: pass a model directory, a .safetensors file or an alias{hint}")
+    if path.is_file():
+        if path.suffix in _PICKLE:
+            raise UserError(f"{path.name} is a pickle checkpoint, which sparsify never loads: convert it to "
+                            "safetensors (e.g. save_pretrained(..., safe_serialization=True))")
+        if path.suffix != ".safetensors":
+            raise UserError(f"{path.name}: pass a .safetensors file or a model directory")
+        if (path.parent / "config.json").exists():
+            return ModelSource(path.parent, "hf-dir", path.parent, _weights_in(path.parent))
+        return ModelSource(path, "safetensors-file", None, [path])
+    if not (path / "config.json").exists():
+        raise UserError(f"{path} has no config.json: pass a Hugging Face model directory or a .safetensors file")
+    weights = _weights_in(path)
+    if not weights:
+        pickles = [p.name for p in path.iterdir() if p.suffix in _PICKLE]
+        fix = "convert it to safetensors" if pickles else "add model.safetensors"
+        raise UserError(f"{path} has no .safetensors weights{' (only ' + pickles[0] + ')' if pickles else ''}: {fix}")
+    return ModelSource(path, "hf-dir", path, weights)
+
+
+def sha256_files(source: ModelSource) -> dict[str, str]:
+    """Streaming sha256 of each weight file and the config."""
+    files = list(source.weight_files)
+    if source.config_dir is not None and (source.config_dir / "config.json").exists():
+        files.append(source.config_dir / "config.json")
+    out = {}
+    for f in files:
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        out[f.name] = h.hexdigest()
+    return out
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    family: Family
+    config: object
+    tokenizer: object | None
+    image_size: int | None
+    image_mean: list[float] | None
+    image_std: list[float] | None
+    source: ModelSource
+    dtype: torch.dtype
+
+
+def preprocessing(path: Path, family: Family, config):
+    """(tokenizer, image size, mean, std) for a model directory; None where the family has no such input."""
+    tokenizer = size = mean = std = None
+    if "text" in family.inputs:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    if "image" in family.inputs:
+        vision = getattr(config, "vision_config", None) or config
+        size, mean, std = vision.image_size, [0.5] * 3, [0.5] * 3
+        proc = Path(path) / "preprocessor_config.json"
+        if proc.exists():
+            p = json.loads(proc.read_text())
+            mean, std = p.get("image_mean", mean), p.get("image_std", std)
+            crop = p.get("crop_size") or p.get("size") or size
+            size = crop.get("height", crop.get("shortest_edge", size)) if isinstance(crop, dict) else crop
+    return tokenizer, size, mean, std
+
+
+def _checkpoint_dtype(config) -> torch.dtype:
+    name = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32"
+    return name if isinstance(name, torch.dtype) else getattr(torch, str(name), torch.float32)
+
+
+def load_model(source: ModelSource, dtype: str | None = None, device: str = "cpu",
+               trust_remote_code: bool = False) -> LoadedModel:
+    import transformers
+    from transformers import AutoConfig
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    config = AutoConfig.from_pretrained(source.config_dir, trust_remote_code=trust_remote_code)
+    family = family_of(config)
+    if dtype is not None and not isinstance(getattr(torch, dtype, None), torch.dtype):
+        raise UserError(f"--dtype {dtype!r}: use float32, float16 or bfloat16")
+    torch_dtype = getattr(torch, dtype) if dtype else _checkpoint_dtype(config)
+    cls = getattr(transformers, family.auto_class)
+    model = cls.from_pretrained(source.config_dir, dtype=torch_dtype, use_safetensors=True,
+                                trust_remote_code=trust_remote_code)
+    model.eval().to(device)
+    tokenizer, size, mean, std = preprocessing(source.config_dir, family, config)
+    return LoadedModel(model, family, config, tokenizer, size, mean, std, source, torch_dtype)

@@ -38,7 +38,7 @@ def dense_forward_seconds(model: str, samples: int, seq_len: int, seed: int) -> 
     code = f"""
 import time, torch
 from sparsify.config import CalibConfig
-from sparsify.calibrate.data import build_batches
+from sparsify.calibrate.batches import build_batches
 from sparsify.models.load import load_model, resolve
 lm = load_model(resolve({model!r}))
 batches = build_batches('text', CalibConfig(samples={samples}, seq_len={seq_len}, seed={seed}), tokenizer=lm.tokenizer)

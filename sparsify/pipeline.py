@@ -42,7 +42,7 @@ def _max_text_len(config) -> int | None:
 
 
 def calibration_batches(loaded, calib) -> list[dict]:
-    from sparsify.calibrate.data import build_batches
+    from sparsify.calibrate.batches import build_batches
 
     return build_batches(loaded.family.inputs, calib, tokenizer=loaded.tokenizer,
                          image_size=loaded.image_size, image_mean=loaded.image_mean,

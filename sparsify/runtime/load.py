@@ -29,7 +29,8 @@ def _build_skeleton(path: Path, manifest: dict):
     family = family_of(config)
     dtype = getattr(torch, manifest.get("dtype", "float32"))
     with params_on_meta():
-        model = getattr(transformers, family.auto_class).from_config(config, dtype=dtype)
+        cls = getattr(transformers, family.auto_class)
+        model = cls.from_config(config, dtype=dtype) if hasattr(cls, "from_config") else cls(config).to(dtype)
     return model, family, config, dtype
 
 

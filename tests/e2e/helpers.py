@@ -35,7 +35,7 @@ def dense_weights(artifact: Path) -> dict[str, torch.Tensor]:
     import sparsify
     from sparsify.runtime.sparse_linear import SparseLinear
 
-    model = sparsify.load(artifact).model
+    model = sparsify.load(artifact)[0].model
     return {name: m.dense_weight() for name, m in model.named_modules() if isinstance(m, SparseLinear)}
 
 

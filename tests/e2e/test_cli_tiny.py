@@ -48,7 +48,7 @@ def test_wanda_24_end_to_end(tiny, family, tmp_path):
         assert nm_ok(w, 2, 4), name
         assert (w == 0).float().mean() == 0.5, name
     # The artifact runs through SparseLinear and matches the masked dense model.
-    loaded = sparsify.load(out)
+    loaded, _ = sparsify.load(out)
     dense = load_model(resolve(str(tiny[family])))
     state = dense.model.state_dict()
     for name, w in weights.items():

@@ -74,10 +74,13 @@ def make_layer_fn(pruner, config: PruneConfig, method_cfg, spec):
 
     def step(weight: torch.Tensor, stats):
         if spec is not None and pruner.joint_quant and config.joint_quant:
-            quantize = rtn.column_quantizer(weight, spec)
+            # Scales come from a first, unquantized pass: the OBS updates grow weights past the dense
+            # weight's range, and scales fitted to the dense weight would clip them (measured worse).
+            first = pruner.prune(weight, stats, config.scheme, config.sparsity, config.per, method_cfg)
+            quantize = rtn.column_quantizer(first, spec)
             new = pruner.prune(weight, stats, config.scheme, config.sparsity, config.per, method_cfg,
                                quantize=quantize)
-            return new, quantize.params
+            return rtn.snap(new, quantize.params), quantize.params  # exactly on the grid in weight's dtype
         new = pruner.prune(weight, stats, config.scheme, config.sparsity, config.per, method_cfg)
         if spec is None:
             return new, None

@@ -130,3 +130,20 @@ def test_low_precision_keeps_dtype_and_pattern(dtype):
                 sparsegpt.prune(W, h, NM24, 0, "row", sparsegpt.SparseGPTConfig())):
         assert out.dtype == dtype
         assert ((out != 0).view(8, -1, 4).sum(-1) <= 2).all()
+
+
+@pytest.mark.parametrize("seed", [4, 5, 6])
+def test_joint_int4_beats_prune_then_round(seed):
+    from sparsify.quant import rtn
+    from sparsify.quant.spec import QuantSpec
+
+    X, W = _correlated(1024, 64, seed=seed), torch.randn(32, 64)
+    h, _ = _stats(X)
+    qspec = QuantSpec.parse("int4", 0)
+    cfg = sparsegpt.SparseGPTConfig()
+    quantizer = rtn.column_quantizer(sparsegpt.prune(W, h, NM24, 0.0, "row", cfg), qspec)  # as the pipeline does
+    joint = rtn.snap(sparsegpt.prune(W, h, NM24, 0.0, "row", cfg, quantize=quantizer), quantizer.params)
+    after, _ = rtn.fake_quantize(sparsegpt.prune(W, h, NM24, 0.0, "row", cfg), qspec)
+    assert torch.equal(joint, rtn.snap(joint, quantizer.params))  # on the grid
+    err = lambda V: (X @ (W - V).T).norm().item()  # noqa: E731
+    assert err(joint) < err(after)

@@ -29,6 +29,9 @@ def ort_session(path: str | Path):
         raise UserError(f"{path} does not exist: pass an .onnx file written by 'sparsify export --onnx'")
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    # int8 / int4 weight MatMuls (fused to MatMulNBits) compute in float32, as the artifact does;
+    # onnxruntime's default (4) would also round the activations to int8.
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types

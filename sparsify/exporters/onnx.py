@@ -29,8 +29,7 @@ OPSETS = range(18, 24)
 PROTO_LIMIT = 2_000_000_000  # bytes: protobuf's hard limit for one file
 TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}  # max |onnx - torch| / max |torch|
 W8A8_TOLERANCE = 2e-2  # per-token rounding can flip a code where ORT and torch differ by an ulp
-SENTENCES = ["Sparse models keep half of the weights in every group of four.",
-             "The quick brown fox jumps over the lazy dog near the river bank at dawn."]
+SENTENCES = ["The quick brown fox jumps over the lazy dog near the river bank at dawn.", "Sparse weights."]
 
 
 class _Text(nn.Module):
@@ -109,25 +108,19 @@ def sample_inputs(loaded, names) -> dict[str, torch.Tensor]:
     return {k: inputs[k] for k in names}
 
 
-def _act_fake_quant(x: torch.Tensor, scale: float | None) -> torch.Tensor:
-    """The activation rounding the ONNX graph applies (w8a8), for the PyTorch side of verification."""
-    from sparsify.exporters.onnx_quant import ACT_EPS
-
-    s = torch.tensor(scale) if scale is not None else (x.abs().amax(-1, keepdim=True) / 127).clamp(min=ACT_EPS)
-    return (x / s).round().clamp(-128, 127) * s
-
-
 @torch.inference_mode()
-def _reference(loaded, wrapper, inputs, weights) -> list[torch.Tensor]:
-    """Outputs of the artifact itself (packed SparseLinears) in PyTorch, as float32."""
+def _reference(loaded, wrapper, inputs, outputs, weights) -> dict[str, torch.Tensor]:
+    """Outputs of the artifact itself (packed SparseLinears) in PyTorch, as float32, by output name."""
+    from sparsify.exporters.onnx_quant import act_fake_quant
+
     hooks = [loaded.model.get_submodule(name).register_forward_pre_hook(
-        lambda m, args, s=w.input_scale: (_act_fake_quant(args[0], s),)) for name, w in weights.items() if w.act]
+        lambda m, args, s=w.input_scale: (act_fake_quant(args[0], s),)) for name, w in weights.items() if w.act]
     try:
         out = wrapper(**inputs)
     finally:
         for h in hooks:
             h.remove()
-    return [o.float() for o in (out if isinstance(out, tuple) else (out,))]
+    return {n: o.float() for n, o in zip(outputs, out if isinstance(out, tuple) else (out,))}
 
 
 def _trace(wrapper, inputs, outputs, axes, opset, tmp: Path):
@@ -186,8 +179,8 @@ def export_onnx(artifact_dir, out_file=None, *, opset: int | None = None, verify
         tolerance: max relative error (max |onnx - torch| / max |torch|) allowed; default by dtype / quant.
         external_data: weights in ``FILE.data``; None: only when the model exceeds 2 GB.
     """
-    from sparsify.exporters.onnx_quant import quantize_graph
-    from sparsify.exporters.onnx_weights import collect_weights, placement, save, verify_outputs
+    from sparsify.eval.onnx_model import compare_with
+    from sparsify.exporters.onnx_quant import collect_weights, quantize_graph
 
     artifact = Path(artifact_dir).resolve()
     manifest = read_manifest(artifact)
@@ -206,23 +199,62 @@ def export_onnx(artifact_dir, out_file=None, *, opset: int | None = None, verify
     wrapper, outputs, axes = graph_io(loaded)
     weights = collect_weights(loaded.model, manifest)
     inputs = sample_inputs(loaded, list(axes))
-    reference = _reference(loaded, wrapper, inputs, weights) if verify else None
+    reference = _reference(loaded, wrapper, inputs, outputs, weights) if verify else None
     densify(loaded.model).float()
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent if out.parent.exists() else out.parent.parent))
     try:
-        graph = _trace(wrapper, inputs, outputs, axes, opset, tmp)
+        graph = _trace(wrapper, inputs, outputs, axes, opset, tmp)  # an onnx_ir Model
         layers = quantize_graph(graph, weights, opset)
         graph.metadata_props.update({"sparsify.artifact": str(artifact), "sparsify.family": loaded.family.name,
                                      "sparsify.quant": quant.get("kind") or "none"})
         result = {"onnx": str(out), "family": loaded.family.name, "opset": opset, "quant": _quant_name(quant),
-                  "inputs": list(axes), "outputs": outputs, **save(graph, tmp / out.name, layers, external_data)}
+                  "inputs": list(axes), "outputs": outputs, **_save(graph, tmp / out.name, layers, external_data)}
         if verify:
             tol = tolerance if tolerance is not None else _default_tolerance(manifest, quant)
-            result.update(verify_outputs(tmp / out.name, inputs, reference, outputs, tol))
-        result["files"] = [*result["files"], *placement(tmp, copy_side_files(artifact, tmp), out)]
+            result.update(compare_with(tmp / out.name, inputs, reference, tol))
+        else:
+            result["verified"] = False
+        result["side_files"] = _place(tmp, copy_side_files(artifact, tmp), out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return result
+
+
+def _save(model, path: Path, layers: dict, external_data: bool | None) -> dict:
+    """Write ``model`` (weights inline, or in ``path.data`` when asked or above 2 GB); sizes for the report."""
+    import onnx_ir as ir
+
+    inits = model.graph.initializers
+    total = sum(v.const_value.nbytes for v in inits.values())
+    if external_data is False and total > PROTO_LIMIT:
+        raise UserError(f"the model's weights take {total / 1e9:.2f} GB, above ONNX's 2 GB limit for one file: "
+                        "allow external data (drop --no-external-data)")
+    external = total > PROTO_LIMIT if external_data is None else external_data
+    ir.save(model, path, external_data=f"{path.name}.data" if external else None)
+    files = [path] + ([path.with_name(path.name + ".data")] if external else [])
+    sizes = {f.name: f.stat().st_size for f in files}
+    packed = fp32 = 0
+    for layer in layers.values():
+        name = layer["initializer"]
+        parts = [name] if layer["kind"] == "float" else [f"{name}.{k}" for k in ("quantized", "scale", "zero_point")]
+        packed += sum(inits[p].const_value.nbytes for p in parts if p in inits)
+        fp32 += 4 * inits[parts[0]].const_value.size
+    whole = sum(sizes.values())
+    return {"files": [f.name for f in files], "bytes": sizes, "total_bytes": whole, "external_data": external,
+            "targeted": len(layers), "targeted_bytes": packed, "targeted_fp32_bytes": fp32,
+            "targeted_ratio": packed / max(fp32, 1), "fp32_dense_bytes": whole - packed + fp32,
+            "size_vs_fp32": whole / max(whole - packed + fp32, 1)}
+
+
+def _place(tmp: Path, side_files: list[str], out: Path) -> list[str]:
+    """Move the finished files from ``tmp`` to ``out``'s directory (a new directory appears whole)."""
+    if not out.parent.exists():
+        tmp.rename(out.parent)
+        return side_files
+    for f in tmp.iterdir():
+        if not (out.parent / f.name).exists() or f.name in (out.name, out.name + ".data"):
+            f.replace(out.parent / f.name)
+    return side_files
 
 
 def _quant_name(quant: dict) -> str:

@@ -65,5 +65,8 @@ class QuantParams:
         return self.spec.group_size or 0
 
     def attrs(self, in_features: int) -> dict:
-        return {"quant": self.spec.kind, "group_size": self.spec.groups(in_features)[0],
-                "symmetric": self.spec.symmetric}
+        attrs = {"quant": self.spec.kind, "group_size": self.spec.groups(in_features)[0],
+                 "symmetric": self.spec.symmetric}
+        if self.spec.activations:
+            attrs["activations"] = self.spec.activations  # w8a8: int8 activations at run time
+        return attrs

@@ -1,7 +1,10 @@
 """Tiny random checkpoints on disk for tests: Llama (GQA), BERT, ViT and CLIP, 2 blocks each.
 
-Text models get a real fast tokenizer (WordPiece trained on stdlib `pydoc_data.topics`), image
-models a preprocessor_config.json. Dimensions are multiples of 8 so 2:4 and 4:8 apply.
+Each is saved with ``save_pretrained`` (safetensors) like a real Hugging Face directory. Text models
+get a real fast tokenizer (WordPiece, 512 tokens, trained once per process on the stdlib's
+`pydoc_data.topics`); image models a preprocessor_config.json (ViT: ImageNet mean/std, so a test
+can tell it from the 0.5 default; CLIP: its own mean/std and crop size). Every Linear dimension is
+a multiple of 8, so 2:4 and 4:8 apply. About 0.1 s per model once transformers is imported.
 """
 from __future__ import annotations
 
@@ -11,9 +14,15 @@ from pathlib import Path
 
 import torch
 
+VOCAB = 512
+CLASSES = {"llama": "LlamaForCausalLM", "bert": "BertModel", "vit": "ViTForImageClassification", "clip": "CLIPModel"}
+IMAGENET = {"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
+CLIP_NORM = {"image_mean": [0.4815, 0.4578, 0.4082], "image_std": [0.2686, 0.2613, 0.2758]}
+
 
 @lru_cache(maxsize=1)
 def _tokenizer():
+    """A fast WordPiece tokenizer (lower-cased, BERT special tokens) that AutoTokenizer reloads."""
     from pydoc_data.topics import topics
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -22,44 +31,53 @@ def _tokenizer():
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok.train_from_iterator(list(topics.values()), trainers.WordPieceTrainer(vocab_size=512, special_tokens=special))
+    tok.train_from_iterator(list(topics.values()), trainers.WordPieceTrainer(vocab_size=VOCAB, special_tokens=special))
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
                                    sep_token="[SEP]", mask_token="[MASK]", model_max_length=128)
 
 
-def _configs():
+def _config(family: str):
+    """The tiny transformers config of ``family``: hidden 64, MLP 128, 4 heads, 2 blocks."""
     from transformers import BertConfig, CLIPConfig, LlamaConfig, ViTConfig
 
-    return {
-        "llama": LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                             pad_token_id=0, tie_word_embeddings=False),
-        "bert": BertConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=4, max_position_embeddings=128),
-        "vit": ViTConfig(image_size=32, patch_size=8, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_labels=10),
-        "clip": CLIPConfig(text_config={"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
-                                        "num_hidden_layers": 2, "num_attention_heads": 4,
-                                        "max_position_embeddings": 64, "pad_token_id": 0, "eos_token_id": 3},
-                           vision_config={"image_size": 32, "patch_size": 8, "hidden_size": 64,
-                                          "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4},
-                           projection_dim=32),
-    }
+    body = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
+    if family == "llama":
+        return LlamaConfig(vocab_size=VOCAB, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0,
+                           bos_token_id=2, eos_token_id=3, tie_word_embeddings=False, **body)
+    if family == "bert":
+        return BertConfig(vocab_size=VOCAB, max_position_embeddings=128, **body)
+    if family == "vit":
+        return ViTConfig(image_size=32, patch_size=8, num_labels=10, **body)
+    if family == "clip":
+        text = {"vocab_size": VOCAB, "max_position_embeddings": 64, "pad_token_id": 0, "bos_token_id": 2,
+                "eos_token_id": 3, **body}
+        return CLIPConfig(text_config=text, vision_config={"image_size": 32, "patch_size": 8, **body},
+                          projection_dim=32)
+    raise ValueError(f"unknown tiny family {family!r}: choose one of {', '.join(CLASSES)}")
+
+
+def _image_processor(family: str) -> dict:
+    if family == "vit":
+        return {"image_processor_type": "ViTImageProcessor", "do_resize": True, "size": {"height": 32, "width": 32},
+                "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, **IMAGENET}
+    return {"image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": 32},
+            "do_center_crop": True, "crop_size": {"height": 32, "width": 32}, "do_rescale": True,
+            "rescale_factor": 1 / 255, "do_normalize": True, **CLIP_NORM}
 
 
 def make_tiny(family: str, path: Path, seed: int = 0) -> Path:
-    """Save a tiny random ``family`` (llama | bert | vit | clip) model directory at ``path``."""
+    """Save a tiny random ``family`` (llama | bert | vit | clip) model directory at ``path``; returns ``path``."""
     import transformers
+    from transformers.utils import logging
 
-    classes = {"llama": "LlamaForCausalLM", "bert": "BertModel", "vit": "ViTForImageClassification",
-               "clip": "CLIPModel"}
+    logging.disable_progress_bar()
+    config = _config(family)
     torch.manual_seed(seed)
-    model = getattr(transformers, classes[family])(_configs()[family]).eval()
+    model = getattr(transformers, CLASSES[family])(config).eval()
     path = Path(path)
     model.save_pretrained(path, safe_serialization=True)
     if family in ("llama", "bert", "clip"):
         _tokenizer().save_pretrained(path)
     if family in ("vit", "clip"):
-        (path / "preprocessor_config.json").write_text(json.dumps(
-            {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "size": {"height": 32, "width": 32}}))
+        (path / "preprocessor_config.json").write_text(json.dumps(_image_processor(family), indent=1))
     return path

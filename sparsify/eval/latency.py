@@ -62,9 +62,10 @@ def _forward_rows(loaded, dense_model, prompt_len, device, reps) -> list[dict]:
 
     model, family = loaded.model, loaded.family
     size = loaded.image_size or 32
-    inputs = {"text": {"input_ids": torch.randint(10, 1000, (1, prompt_len))},
+    vocab = getattr(getattr(loaded.config, "text_config", None) or loaded.config, "vocab_size", 2)
+    inputs = {"text": {"input_ids": torch.randint(0, vocab, (1, prompt_len))},
               "image": {"pixel_values": torch.randn(1, 3, size, size)},
-              "image-text": {"input_ids": torch.randint(10, 1000, (1, min(prompt_len, 64))),
+              "image-text": {"input_ids": torch.randint(0, vocab, (1, min(prompt_len, 64))),
                              "pixel_values": torch.randn(1, 3, size, size)}}[family.inputs]
     inputs = _to(inputs, device)
     rows = []
@@ -78,7 +79,7 @@ def _forward_rows(loaded, dense_model, prompt_len, device, reps) -> list[dict]:
 
                 def decode():  # one new token on a prompt_len cache, then drop it again
                     m(input_ids=nxt, past_key_values=past, use_cache=True)
-                    past.crop(prompt_len)
+                    past.crop(-1)
 
                 t = timeit(decode, device, warmup=1, reps=reps)
                 rows.append({"phase": "decode", "model": label, "tokens": 1, "ms": t * 1e3})

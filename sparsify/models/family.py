@@ -31,7 +31,9 @@ MODEL_TYPES: dict[str, Family] = {
 
 
 def family_of(config) -> Family:
+    """The family of a transformers config, by its ``model_type``; unknown types are a UserError."""
     model_type = getattr(config, "model_type", None)
     if model_type not in MODEL_TYPES:
-        raise UserError(f"unsupported architecture '{model_type}': sparsify supports {', '.join(sorted(MODEL_TYPES))}")
+        supported = ", ".join(sorted(MODEL_TYPES))
+        raise UserError(f"unsupported architecture '{model_type}': sparsify supports {supported}")
     return MODEL_TYPES[model_type]

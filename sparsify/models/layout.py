@@ -1,16 +1,25 @@
 """Find the repeated transformer blocks and the Linears to prune in them, for any architecture.
 
-A block list is an ``nn.ModuleList`` of modules of one class that contain Linears, not nested in
-another such list (Llama ``model.layers``, BERT ``encoder.layer``, ViT ``encoder.layer``, CLIP's two
-``encoder.layers``). Lists are returned in registration order, which is forward order for every
-supported family (CLIP: text tower, then vision tower, the order CLIPModel declares them; each
-tower is calibrated on its own inputs, so the order between towers does not matter).
+No per-family code: a block list is an ``nn.ModuleList`` of one or more modules of one class that
+contain an ``nn.Linear``, not nested inside another such list (Llama ``model.layers``, BERT
+``encoder.layer``, ViT ``vit.layers``, CLIP ``vision_model.encoder.layers`` and
+``text_model.encoder.layers``).
+
+Order: the lists come back in **forward order**, the order in which their first blocks run. With
+one list that is trivial. With several (CLIP) a tiny probe forward (batch 1, a few zero tokens
+and/or a zero image, built from the forward signature and the config) records which first block
+runs first; CLIPModel runs the vision tower, then the text tower. If the probe cannot run, the
+lists keep their declaration order (CLIP: text, then vision). The towers of a two-tower model are
+independent, so either order calibrates to the same result; the probe only keeps the order honest.
 """
 from __future__ import annotations
 
 import fnmatch
+import inspect
 import re
+from collections.abc import Iterable
 
+import torch
 from torch import nn
 
 from sparsify.errors import UserError
@@ -20,8 +29,8 @@ def _has_linear(module: nn.Module) -> bool:
     return any(isinstance(m, nn.Linear) for m in module.modules())
 
 
-def find_blocks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
-    """[(prefix, ModuleList)] of the repeated blocks, outermost lists only."""
+def _declared_blocks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    """Outermost block lists in declaration (named_modules) order."""
     found: list[tuple[str, nn.ModuleList]] = []
     for name, mod in model.named_modules():
         if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
@@ -29,9 +38,61 @@ def find_blocks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
         if len({type(m) for m in mod}) != 1 or not _has_linear(mod[0]):
             continue
         if any(name.startswith(prefix + ".") for prefix, _ in found):
-            continue
+            continue  # nested inside a block list already found (named_modules visits parents first)
         found.append((name, mod))
     return found
+
+
+def _probe_inputs(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Smallest inputs the forward accepts: 4 zero token ids and/or one zero image."""
+    params = inspect.signature(model.forward).parameters
+    config = getattr(model, "config", None)
+    vision = getattr(config, "vision_config", None) or config
+    device = next(model.parameters()).device
+    inputs = {}
+    if "input_ids" in params:
+        inputs["input_ids"] = torch.zeros(1, 4, dtype=torch.long, device=device)  # (1, T)
+    if "pixel_values" in params and getattr(vision, "image_size", None):
+        size, channels = vision.image_size, getattr(vision, "num_channels", 3)
+        dtype = next(model.parameters()).dtype
+        inputs["pixel_values"] = torch.zeros(1, channels, size, size, dtype=dtype, device=device)  # (1, C, H, W)
+    return inputs
+
+
+def _forward_order(model: nn.Module, lists: list[tuple[str, nn.ModuleList]]) -> list[tuple[str, nn.ModuleList]]:
+    """Sort block lists by when their first block runs in a probe forward (declaration order if it cannot run)."""
+    seen: list[str] = []
+    handles = [layers[0].register_forward_pre_hook(lambda *_, p=prefix: seen.append(p)) for prefix, layers in lists]
+    try:
+        with torch.no_grad():
+            model(**_probe_inputs(model))
+    except Exception:  # noqa: BLE001 - a model whose probe fails keeps its declaration order
+        return lists
+    finally:
+        for h in handles:
+            h.remove()
+    first = {p: i for i, p in reversed(list(enumerate(seen)))}
+    return sorted(lists, key=lambda item: first.get(item[0], len(seen)))
+
+
+def find_blocks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    """[(prefix, ModuleList)] of the repeated blocks, outermost lists only, in forward order."""
+    lists = _declared_blocks(model)
+    return _forward_order(model, lists) if len(lists) > 1 else lists
+
+
+def block_index(name: str, prefixes: Iterable[str]) -> tuple[str, int] | None:
+    """(block list prefix, block number) of the module ``name``, or None when it lies outside every list.
+
+    ``block_index("model.layers.3.mlp.up_proj", ["model.layers"]) == ("model.layers", 3)``.
+    """
+    for prefix in prefixes:
+        head, sep, rest = name.partition(prefix + ".")
+        if sep and not head:
+            index = rest.split(".", 1)[0]
+            if index.isdigit():
+                return prefix, int(index)
+    return None
 
 
 def _matches(name: str, pattern: str) -> bool:
@@ -40,38 +101,50 @@ def _matches(name: str, pattern: str) -> bool:
     return fnmatch.fnmatchcase(name, pattern)
 
 
-def select(names: list[str], targets: list[str] | None, ignore: list[str] | None) -> list[str]:
-    """Names matching any target pattern (all when None) minus those matching an ignore pattern.
-
-    Patterns are fnmatch globs, or regular expressions when prefixed with ``re:``. A pattern that
-    matches nothing is an error (it is almost always a typo)."""
-    for pattern in (targets or []) + (ignore or []):
+def _check_patterns(names: list[str], patterns: list[str]) -> None:
+    for pattern in patterns:
         if pattern.startswith("re:"):
             try:
                 re.compile(pattern[3:])
             except re.error as e:
-                raise UserError(f"pattern {pattern!r} is not a valid regular expression ({e})") from None
+                raise UserError(f"pattern {pattern!r} is not a valid regular expression ({e}): fix it") from None
         if not any(_matches(n, pattern) for n in names):
-            raise UserError(f"pattern {pattern!r} matches no layer; names look like: {', '.join(names[:3])}")
+            sample = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+            raise UserError(f"pattern {pattern!r} matches no layer: fix it; names look like: {sample}")
+
+
+def select(names: list[str], targets: list[str] | None, ignore: list[str] | None) -> list[str]:
+    """Names matching any target pattern (all when ``targets`` is None) minus those matching an ignore pattern.
+
+    Patterns are fnmatch globs (``*q_proj``), or regular expressions searched anywhere in the name
+    when prefixed with ``re:`` (``re:layers\\.(0|1)\\.``). A pattern that matches nothing is a
+    UserError: it is almost always a typo. Order of ``names`` is kept.
+    """
+    _check_patterns(names, (targets or []) + (ignore or []))
     chosen = [n for n in names if targets is None or any(_matches(n, p) for p in targets)]
     return [n for n in chosen if not any(_matches(n, p) for p in (ignore or []))]
 
 
 def find_targets(model: nn.Module, targets: list[str] | None = None,
                  ignore: list[str] | None = None) -> dict[str, list[str]]:
-    """Block name (``prefix.i``) -> the Linear names to prune in it, in module order.
+    """Block name (``prefix.i``) -> names of the Linears to prune in it, blocks in forward order.
 
-    Default: every Linear inside the blocks; ``targets`` / ``ignore`` patterns select among those
-    names (embeddings, norms and the output head are never pruned in this version).
+    Default: every ``nn.Linear`` inside the blocks. Linears outside them (output head, CLIP
+    projections, a ViT classifier, BERT's pooler) are only taken when a ``targets`` pattern matches
+    them; each then forms its own group keyed by its module name. Embeddings and norms are never
+    Linears, so never targets.
     """
-    block_of: dict[str, str] = {}
-    for prefix, layers in find_blocks(model):
-        for i, block in enumerate(layers):
-            for sub, mod in block.named_modules():
-                if isinstance(mod, nn.Linear):
-                    block_of[f"{prefix}.{i}.{sub}"] = f"{prefix}.{i}"
-    in_blocks = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n in block_of]
+    blocks = find_blocks(model)
+    prefixes = [p for p, _ in blocks]
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    where = {n: block_index(n, prefixes) for n in linears}
+    inside = [n for n in linears if where[n] is not None]
+    candidates = linears if targets is not None else inside
+    order = {p: i for i, p in enumerate(prefixes)}
+    chosen = sorted(select(candidates, targets, ignore),
+                    key=lambda n: (order[where[n][0]], where[n][1]) if where[n] else (len(order), 0))
     out: dict[str, list[str]] = {}
-    for name in select(in_blocks, targets, ignore):
-        out.setdefault(block_of[name], []).append(name)
+    for name in chosen:
+        key = f"{where[name][0]}.{where[name][1]}" if where[name] else name
+        out.setdefault(key, []).append(name)
     return out

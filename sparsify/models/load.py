@@ -15,7 +15,8 @@ import torch
 from sparsify.errors import UserError
 from sparsify.models.family import Family, family_of
 
-_PICKLE = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_PICKLE = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+_DTYPES = ("float32", "float16", "bfloat16")
 
 
 @dataclass
@@ -28,14 +29,25 @@ class ModelSource:
 
 
 def _weights_in(d: Path) -> list[Path]:
+    """The safetensors files of a model directory: the shards its index names, else every *.safetensors."""
     index = d / "model.safetensors.index.json"
     if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [d / s for s in shards]
+        shards = [d / s for s in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+        missing = [p.name for p in shards if not p.exists()]
+        if missing:
+            raise UserError(f"{index} names missing shard {missing[0]}: copy all {len(shards)} shards beside it")
+        return shards
     return sorted(d.glob("*.safetensors"))
 
 
 def resolve(arg: str, cache_dir: str | None = None) -> ModelSource:
+    """Turn a model argument into a `ModelSource`.
+
+    Accepts a built-in alias (its Hugging Face directory, converted into the cache on first use), a
+    directory with config.json and safetensors weights (sharded or not), or a ``.safetensors`` file:
+    with a config.json beside it its directory is the model, else it is a bare file (config_dir None).
+    Pickle checkpoints are refused, never opened.
+    """
     from sparsify.models.aliases import ALIASES, resolve_alias
 
     arg = str(arg)
@@ -93,13 +105,21 @@ class LoadedModel:
     dtype: torch.dtype
 
 
-def preprocessing(path: Path, family: Family, config):
-    """(tokenizer, image size, mean, std) for a model directory; None where the family has no such input."""
+def preprocessing(path: Path, family: Family, config, trust_remote_code: bool = False):
+    """(tokenizer, image size, mean, std) for a model directory; None where the family has no such input.
+
+    Image settings come from preprocessor_config.json (crop size, else size) when present, else from
+    the config's image_size with mean = std = 0.5.
+    """
     tokenizer = size = mean = std = None
     if "text" in family.inputs:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise UserError(f"{path} has no loadable tokenizer ({str(e).splitlines()[0][:120]}): "
+                            "save the tokenizer files beside config.json") from None
     if "image" in family.inputs:
         vision = getattr(config, "vision_config", None) or config
         size, mean, std = vision.image_size, [0.5] * 3, [0.5] * 3
@@ -119,20 +139,33 @@ def _checkpoint_dtype(config) -> torch.dtype:
 
 def load_model(source: ModelSource, dtype: str | None = None, device: str = "cpu",
                trust_remote_code: bool = False) -> LoadedModel:
+    """Load a resolved model with its family's auto class, in eval mode, quietly.
+
+    Args:
+        dtype: "float32" | "float16" | "bfloat16"; None keeps the checkpoint's own (config dtype, else float32).
+        trust_remote_code: passed through to transformers; off by default (it runs code from the directory).
+    Returns:
+        A `LoadedModel` with the tokenizer (text families) and image size/mean/std (image families).
+    """
     import transformers
     from transformers import AutoConfig
     from transformers.utils import logging
 
     logging.set_verbosity_error()
     logging.disable_progress_bar()
+    if source.config_dir is None:
+        raise UserError(f"{source.path.name} is a bare .safetensors file with no config.json beside it: "
+                        "pass the model directory to load it")
+    if dtype is not None and dtype not in _DTYPES:
+        raise UserError(f"--dtype {dtype!r}: use one of {', '.join(_DTYPES)}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: no CUDA device is available here: use --device cpu")
     config = AutoConfig.from_pretrained(source.config_dir, trust_remote_code=trust_remote_code)
     family = family_of(config)
-    if dtype is not None and not isinstance(getattr(torch, dtype, None), torch.dtype):
-        raise UserError(f"--dtype {dtype!r}: use float32, float16 or bfloat16")
     torch_dtype = getattr(torch, dtype) if dtype else _checkpoint_dtype(config)
     cls = getattr(transformers, family.auto_class)
     model = cls.from_pretrained(source.config_dir, dtype=torch_dtype, use_safetensors=True,
                                 trust_remote_code=trust_remote_code)
     model.eval().to(device)
-    tokenizer, size, mean, std = preprocessing(source.config_dir, family, config)
+    tokenizer, size, mean, std = preprocessing(source.config_dir, family, config, trust_remote_code)
     return LoadedModel(model, family, config, tokenizer, size, mean, std, source, torch_dtype)

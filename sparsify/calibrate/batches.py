@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from sparsify.calibrate.data import load_image_text, load_images, load_text, text_windows
+from sparsify.calibrate import data
 from sparsify.errors import UserError
 
 
@@ -21,14 +21,14 @@ def _text(calib, tokenizer, max_text_len, **_) -> list[dict]:
     if calib.source != "builtin" and not calib.source.endswith((".txt", ".jsonl")):
         raise UserError(f"--calib {calib.source}: a text model needs a .txt or .jsonl file, or 'builtin'")
     seq_len = min(calib.seq_len, max_text_len or calib.seq_len)
-    ids = text_windows(tokenizer, load_text(calib.source, "calib"), calib.samples, seq_len, calib.seed)  # (n, T)
+    ids = data.text_windows(tokenizer, data.load_text(calib.source, "calib"), calib.samples, seq_len, calib.seed)  # (n, T)
     return [{"input_ids": chunk, "attention_mask": torch.ones_like(chunk)} for chunk in ids.split(calib.batch_size)]
 
 
 def _image(calib, image_size, image_mean, image_std, **_) -> list[dict]:
     if _is_text_source(calib.source) and calib.source != "builtin":
         raise UserError(f"--calib {calib.source}: an image model needs a folder of images, or 'builtin'")
-    images, _labels = load_images(calib.source, image_size, calib.samples, calib.seed)
+    images, _labels = data.load_images(calib.source, image_size, calib.samples, calib.seed)
     pixels = _normalize(images, image_mean, image_std)  # (n, 3, S, S)
     return [{"pixel_values": chunk} for chunk in pixels.split(calib.batch_size)]
 
@@ -36,7 +36,7 @@ def _image(calib, image_size, image_mean, image_std, **_) -> list[dict]:
 def _image_text(calib, tokenizer, image_size, image_mean, image_std, max_text_len, **_) -> list[dict]:
     if _is_text_source(calib.source) and calib.source != "builtin":
         raise UserError(f"--calib {calib.source}: CLIP needs a folder of images with captions.txt, or 'builtin'")
-    images, captions = load_image_text(calib.source, image_size, calib.samples, calib.seed)
+    images, captions = data.load_image_text(calib.source, image_size, calib.samples, calib.seed)
     pixels = _normalize(images, image_mean, image_std)
     batches = []
     for start in range(0, len(captions), calib.batch_size):

@@ -198,9 +198,9 @@ def export(
     onnx: bool = typer.Option(False, "--onnx", help="Export ONNX (checked against PyTorch with onnxruntime)."),
     fmt: Optional[str] = typer.Option(None, "--format", help="hf-dense: a plain Hugging Face directory (zeros kept)."),
     output: Optional[str] = typer.Option(None, "-o", "--output", help="ONNX file or hf-dense directory to create."),
-    opset: Optional[int] = typer.Option(None, help="ONNX opset (default: 21 for int4, else 18)."),
+    opset: Optional[int] = typer.Option(None, help="ONNX opset (default: 21 for int4, 19 for fp8, else 18)."),
     verify: bool = typer.Option(True, help="Run the ONNX file with onnxruntime and compare with PyTorch."),
-    tolerance: Optional[float] = typer.Option(None, help="Max abs error allowed by --verify (default per dtype/quant)."),
+    tolerance: Optional[float] = typer.Option(None, help="Max relative error (max |onnx - torch| / max |torch|) allowed by --verify (default per dtype/quant)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ):
     """Export an artifact as ONNX or as a dense Hugging Face directory."""

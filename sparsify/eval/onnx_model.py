@@ -81,13 +81,14 @@ class OnnxModel(nn.Module):
         attrs = {n.output[0]: {a.name: a.i for a in n.attribute} for n in graph.node if n.op_type == "DequantizeLinear"}
         out = {}
         for module, (name, layout) in json.loads(self.metadata.get("sparsify.targets", "{}")).items():
-            if name in inits:  # a float weight
-                w = numpy_helper.to_array(inits[name]).astype(np.float32)
-            else:  # codes, scale [, zero point] of a DequantizeLinear
-                w = numpy_helper.to_array(inits[f"{name}.quantized"]).astype(np.float32)
-                parts = [numpy_helper.to_array(inits[f"{name}.{k}"]).astype(np.float32)
-                         for k in ("scale", "zero_point") if f"{name}.{k}" in inits]
-                w = (w - (_expand(parts[1], w, attrs[name]) if len(parts) > 1 else 0)) * _expand(parts[0], w, attrs[name])
+            get = {k: numpy_helper.to_array(inits[k]).astype(np.float32) for k in
+                   (name, f"{name}.quantized", f"{name}.scale", f"{name}.zero_point") if k in inits}
+            if name in get:  # a float weight
+                w = get[name]
+            else:  # codes, scale [, zero point] of a DequantizeLinear: w = (codes - zero) * scale
+                codes = get[f"{name}.quantized"]
+                zero = _expand(get[f"{name}.zero_point"], codes, attrs[name]) if f"{name}.zero_point" in get else 0
+                w = (codes - zero) * _expand(get[f"{name}.scale"], codes, attrs[name])
             out[module] = torch.from_numpy(np.ascontiguousarray(w if layout == "oi" else w.T))
         return out
 
@@ -145,5 +146,6 @@ def compare_with(path: str | Path, inputs: dict, reference: dict[str, torch.Tens
     rel_err = abs_err / max(scale, 1e-30)
     if not rel_err <= tolerance:
         raise UserError(f"onnxruntime output differs from PyTorch: max relative error {rel_err:.3g} "
-                        f"(abs {abs_err:.3g}) > tolerance {tolerance:g}; nothing was written. Pass --tolerance to accept, or --no-verify")
+                        f"(abs {abs_err:.3g}) > tolerance {tolerance:g}; nothing was written. "
+                        "Pass --tolerance to accept, or --no-verify")
     return {"max_abs_error": abs_err, "max_rel_error": rel_err, "tolerance": tolerance, "verified": True}

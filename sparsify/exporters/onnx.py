@@ -5,16 +5,17 @@ Per family, the graph takes / returns (batch and sequence axes dynamic; CLIP's t
   encoder           input_ids, attention_mask[, token_type_ids] -> last_hidden_state
   image-classifier  pixel_values                               -> logits
   clip              input_ids, attention_mask, pixel_values    -> image_embeds, text_embeds
-The densified float32 model is traced with the dynamo exporter (TorchScript exporter as fallback),
-then `onnx_quant` turns quantized weights into integer initializers + DequantizeLinear; float
-weights stay dense initializers with their zeros. The file is written to a hidden temporary
-directory, run with onnxruntime on a real input and compared with the artifact in PyTorch, and only
-then moved into place beside copies of the artifact's config / tokenizer files (nothing is left
-behind on failure). Weights go to an external ``.data`` file when the model is above 2 GB.
+The densified float32 model is traced (dynamo exporter, TorchScript exporter as fallback), then
+`onnx_quant` turns quantized weights into integer initializers + DequantizeLinear; float weights stay
+dense initializers with their zeros. The file is written to a hidden temporary directory, checked with
+onnxruntime against the artifact in PyTorch on a real input of other shapes than the trace saw, and
+only then moved beside copies of the artifact's config / tokenizer files (nothing is left on failure).
+Weights go to an external ``FILE.data`` when asked or when the model is above protobuf's 2 GB.
 """
 from __future__ import annotations
 
 import inspect
+import json
 import shutil
 import tempfile
 import warnings
@@ -90,17 +91,9 @@ def sample_inputs(loaded, names) -> dict[str, torch.Tensor]:
 
 
 @torch.inference_mode()
-def _reference(loaded, wrapper, inputs, outputs, weights) -> dict[str, torch.Tensor]:
-    """Outputs of the artifact itself (packed SparseLinears) in PyTorch, as float32, by output name."""
-    from sparsify.exporters.onnx_quant import act_fake_quant
-
-    hooks = [loaded.model.get_submodule(name).register_forward_pre_hook(
-        lambda m, args, s=w.input_scale: (act_fake_quant(args[0], s),)) for name, w in weights.items() if w.act]
-    try:
-        out = wrapper(**inputs)
-    finally:
-        for h in hooks:
-            h.remove()
+def _reference(wrapper, inputs, outputs) -> dict[str, torch.Tensor]:
+    """Outputs of the artifact itself (packed SparseLinears; w8a8 rounds activations) as float32, by name."""
+    out = wrapper(**inputs)
     return {n: o.float() for n, o in zip(outputs, out if isinstance(out, tuple) else (out,))}
 
 
@@ -127,8 +120,7 @@ def _trace(wrapper, inputs, outputs, axes, opset, tmp: Path):
 
 def _require_onnx(verify: bool) -> None:
     try:
-        import onnx_ir  # noqa: F401
-        import onnxscript  # noqa: F401
+        import onnx_ir, onnxscript  # noqa: F401, E401
         if verify:
             import onnxruntime  # noqa: F401
     except ImportError as e:
@@ -152,20 +144,20 @@ def export_onnx(artifact_dir, out_file=None, *, opset: int | None = None, verify
 
     Args:
         out_file: ``.onnx`` path or a directory (default: ``ARTIFACT-onnx/model.onnx`` beside the artifact).
-        opset: 18-23 (default 21 for int4, 19 for fp8, else 18).
+        opset: 18-23 (default and minimum: 21 for int4, 19 for fp8, else 18).
         tolerance: max relative error (max |onnx - torch| / max |torch|) allowed; default by dtype / quant.
         external_data: weights in ``FILE.data``; None: only when the model exceeds 2 GB.
     """
     from sparsify.eval.onnx_model import compare_with
-    from sparsify.exporters.onnx_quant import collect_weights, quantize_graph
+    from sparsify.exporters.onnx_quant import collect_weights, estimate_bytes, quantize_graph
 
     artifact = Path(artifact_dir).resolve()
     manifest = read_manifest(artifact)
     quant = manifest.get("quant") or {}
-    opset = opset or {"int4": 21, "fp8": 19}.get(quant.get("kind"), 18)
     need = {"int4": 21, "fp8": 19}.get(quant.get("kind"), 18)
+    opset = opset or need
     if opset not in OPSETS or opset < need:
-        raise UserError(f"--opset {opset}: use {max(need, OPSETS[0])}-{OPSETS[-1]}"
+        raise UserError(f"--opset {opset}: use {need}-{OPSETS[-1]}"
                         + (f" ({quant['kind']} weights need opset {need}+)" if need > 18 else ""))
     _require_onnx(verify)
     out = _target(artifact, out_file)
@@ -176,18 +168,25 @@ def export_onnx(artifact_dir, out_file=None, *, opset: int | None = None, verify
     wrapper, outputs, axes = graph_io(loaded)
     weights = collect_weights(loaded.model, manifest)
     inputs = sample_inputs(loaded, list(axes))
-    reference = _reference(loaded, wrapper, inputs, outputs, weights) if verify else None
+    reference = _reference(wrapper, inputs, outputs) if verify else None
     densify(loaded.model).float()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent if out.parent.exists() else out.parent.parent))
+    if external_data is False and (size := estimate_bytes(loaded.model, weights)) > PROTO_LIMIT:
+        raise UserError(f"the model's weights take {size / 1e9:.2f} GB, above ONNX's 2 GB limit for one file: "
+                        "allow external data (drop --no-external-data)")
+    where = out.parent if out.parent.exists() else out.parent.parent
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=where))
     try:
-        onnx_model = _trace(wrapper, inputs, outputs, axes, opset, tmp)  # an onnx_ir Model
+        onnx_model = _trace(wrapper, _other_shapes(inputs), outputs, axes, opset, tmp)  # an onnx_ir Model
         layers = quantize_graph(onnx_model, weights, opset)
+        targets = {m: [layer["initializer"], layer["layout"]] for m, layer in layers.items()}
         onnx_model.metadata_props.update({"sparsify.artifact": str(artifact), "sparsify.family": loaded.family.name,
-                                     "sparsify.quant": quant.get("kind") or "none"})
-        result = {"onnx": str(out), "family": loaded.family.name, "opset": opset, "quant": _quant_name(quant),
+                                          "sparsify.quant": quant.get("kind") or "none",
+                                          "sparsify.targets": json.dumps(targets)})
+        name, default_tol = _name_and_tolerance(manifest)
+        result = {"onnx": str(out), "family": loaded.family.name, "opset": opset, "quant": name,
                   "inputs": list(axes), "outputs": outputs, **_save(onnx_model, tmp / out.name, layers, external_data)}
-        if verify:
-            tol = tolerance if tolerance is not None else _default_tolerance(manifest, quant)
+        if verify:  # on other shapes than the trace saw, so baked-in sizes fail here
+            tol = default_tol if tolerance is None else tolerance
             result.update(compare_with(tmp / out.name, inputs, reference, tol))
         else:
             result["verified"] = False
@@ -197,25 +196,26 @@ def export_onnx(artifact_dir, out_file=None, *, opset: int | None = None, verify
     return result
 
 
+def _other_shapes(inputs: dict) -> dict:
+    """Trace inputs one token shorter and with one image more than the verification inputs."""
+    out = {k: v[:, :-1] for k, v in inputs.items() if k != "pixel_values"}
+    if "pixel_values" in inputs:
+        out["pixel_values"] = torch.cat([inputs["pixel_values"], inputs["pixel_values"][:1].flip(-1)])
+    return {k: out[k] for k in inputs}
+
+
 def _save(model, path: Path, layers: dict, external_data: bool | None) -> dict:
     """Write ``model`` (weights inline, or in ``path.data`` when asked or above 2 GB); sizes for the report."""
     import onnx_ir as ir
 
-    inits = model.graph.initializers
-    total = sum(v.const_value.nbytes for v in inits.values())
-    if external_data is False and total > PROTO_LIMIT:
-        raise UserError(f"the model's weights take {total / 1e9:.2f} GB, above ONNX's 2 GB limit for one file: "
-                        "allow external data (drop --no-external-data)")
+    from sparsify.exporters.onnx_quant import targeted_bytes
+
+    total = sum(v.const_value.nbytes for v in model.graph.initializers.values())
     external = total > PROTO_LIMIT if external_data is None else external_data
     ir.save(model, path, external_data=f"{path.name}.data" if external else None)
     files = [path] + ([path.with_name(path.name + ".data")] if external else [])
     sizes = {f.name: f.stat().st_size for f in files}
-    packed = fp32 = 0
-    for layer in layers.values():
-        name = layer["initializer"]
-        parts = [name] if layer["kind"] == "float" else [f"{name}.{k}" for k in ("quantized", "scale", "zero_point")]
-        packed += sum(inits[p].const_value.nbytes for p in parts if p in inits)
-        fp32 += 4 * inits[parts[0]].const_value.size
+    packed, fp32 = targeted_bytes(model, layers)
     whole = sum(sizes.values())
     return {"files": [f.name for f in files], "bytes": sizes, "total_bytes": whole, "external_data": external,
             "targeted": len(layers), "targeted_bytes": packed, "targeted_fp32_bytes": fp32,
@@ -226,6 +226,7 @@ def _save(model, path: Path, layers: dict, external_data: bool | None) -> dict:
 def _place(tmp: Path, side_files: list[str], out: Path) -> list[str]:
     """Move the finished files from ``tmp`` to ``out``'s directory (a new directory appears whole)."""
     if not out.parent.exists():
+        tmp.chmod(0o755)
         tmp.rename(out.parent)
         return side_files
     for name in side_files:  # config / tokenizer copies may meet the same files, never different ones
@@ -238,10 +239,7 @@ def _place(tmp: Path, side_files: list[str], out: Path) -> list[str]:
     return side_files
 
 
-def _quant_name(quant: dict) -> str:
-    return "w8a8" if quant.get("activations") else (quant.get("kind") or "none")
-
-
-def _default_tolerance(manifest: dict, quant: dict) -> float:
-    tol = TOLERANCE.get(manifest.get("dtype", "float32"), 1e-2)
-    return max(tol, W8A8_TOLERANCE) if quant.get("activations") else tol
+def _name_and_tolerance(manifest: dict) -> tuple[str, float]:
+    """("none" | "int8" | "int4" | "fp8" | "w8a8", the default tolerance for the artifact's dtype / quant)."""
+    quant, tol = manifest.get("quant") or {}, TOLERANCE.get(manifest.get("dtype", "float32"), 1e-2)
+    return ("w8a8", max(tol, W8A8_TOLERANCE)) if quant.get("activations") else (quant.get("kind") or "none", tol)

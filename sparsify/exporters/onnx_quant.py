@@ -11,9 +11,10 @@ the old name, so the consumers are untouched:
   fp8    FLOAT8E4M3FN codes, per-output-channel scale (opset 19)
 Pruned weights stay as exact zeros in the codes, so the N:M pattern survives dequantization.
 
-w8a8 also quantizes the activation feeding each such MatMul / Gemm: per tensor with a static scale
-when the artifact holds one, else per token (scale = max|x| / 127 over the input features) as a
-QuantizeLinear / DequantizeLinear pair on the rows of x reshaped to (tokens, in).
+w8a8 also quantizes the activation feeding each such MatMul / Gemm to codes in [-127, 127], as the
+runtime does: per tensor with a static scale when the artifact holds one, else per token (scale =
+max|x| / 127 over the input features) as a QuantizeLinear / DequantizeLinear pair on the rows of x
+reshaped to (tokens, in).
 """
 from __future__ import annotations
 
@@ -64,15 +65,9 @@ def collect_weights(model: torch.nn.Module, manifest: dict) -> dict[str, QuantWe
             static = packed.get("input_scale", m.attrs.get("input_scale"))
             w.kind, w.scale, w.group_size = kind, packed["scale"].float().numpy(), m.attrs["group_size"]
             w.zero = packed["zero"].numpy() if "zero" in packed else None
-            w.act, w.input_scale = act, None if static is None else float(static)
+            w.act, w.input_scale = m.attrs.get("activations") or act, None if static is None else float(static)
         weights[name] = w
     return weights
-
-
-def act_fake_quant(x: torch.Tensor, scale: float | None) -> torch.Tensor:
-    """In PyTorch, the activation rounding `_act_qdq` puts in the graph (w8a8): used to verify it."""
-    s = torch.tensor(scale) if scale is not None else (x.abs().amax(-1, keepdim=True) / 127).clamp(min=ACT_EPS)
-    return (x / s).round().clamp(-128, 127) * s
 
 
 def _digest(a: np.ndarray) -> str:
@@ -171,13 +166,15 @@ def _act_qdq(graph: ir.Graph, x: ir.Value, in_features: int, input_scale: float 
         nodes.append(ir.node(op_type, list(inputs), attrs))
         return nodes[-1].outputs[0]
 
-    if input_scale is not None:  # static: one scale for the whole tensor, int8 zero point 0
+    if input_scale is not None:  # static: one scale for the whole tensor, codes in [-127, 127]
         s, zp = _const(graph, f"act_scale_{tag}", np.float32(input_scale)), _const(graph, "act_zero_i8", np.int8(0))
-        y = op("DequantizeLinear", op("QuantizeLinear", x, s, zp), s, zp)
+        lo, hi = (_const(graph, f"act_{k}_{tag}", np.float32(v * input_scale)) for k, v in (("lo", -127), ("hi", 127)))
+        y = op("DequantizeLinear", op("QuantizeLinear", op("Clip", x, lo, hi), s, zp), s, zp)
     else:  # dynamic per token: rows of (tokens, in), one scale each
         rows = op("Reshape", x, _const(graph, f"act_rows_{in_features}", np.array([-1, in_features], np.int64)))
         amax = op("ReduceMax", op("Abs", rows), _const(graph, "act_axis_1", np.array([1], np.int64)), keepdims=0)
-        s = op("Max", op("Div", amax, _const(graph, "act_qmax", np.float32(127))), _const(graph, "act_eps", np.float32(ACT_EPS)))
+        qmax, eps = _const(graph, "act_qmax", np.float32(127)), _const(graph, "act_eps", np.float32(ACT_EPS))
+        s = op("Max", op("Div", amax, qmax), eps)  # (tokens,) = max(max|x| / 127, eps)
         if opset >= 21:
             q = op("QuantizeLinear", rows, s, axis=0, output_dtype=int(ir.DataType.INT8))
             dq = op("DequantizeLinear", q, s, axis=0)
@@ -214,3 +211,20 @@ def quantize_graph(model: ir.Model, weights: dict[str, QuantWeight], opset: int)
     graph.sort()
     return report
 
+
+def targeted_bytes(model: ir.Model, report: dict[str, dict]) -> tuple[int, int]:
+    """(bytes of the targeted weights' initializers incl. scales / zero points, their float32 bytes)."""
+    inits, packed, fp32 = model.graph.initializers, 0, 0
+    for layer in report.values():
+        name = layer["initializer"]
+        parts = [name] if layer["kind"] == "float" else [f"{name}.{k}" for k in ("quantized", "scale", "zero_point")]
+        packed += sum(inits[p].const_value.nbytes for p in parts if p in inits)
+        fp32 += 4 * inits[parts[0]].const_value.size
+    return packed, fp32
+
+
+def estimate_bytes(model: torch.nn.Module, weights: dict[str, QuantWeight]) -> int:
+    """Bytes of a float32 export of ``model`` less what integer codes save on the quantized weights."""
+    code = {"int8": 1, "fp8": 1, "int4": 0.5}
+    saved = sum(w.weight.size * (4 - code[w.kind]) for w in weights.values() if w.kind)
+    return int(sum(t.numel() * 4 for t in model.state_dict().values()) - saved)

@@ -76,6 +76,10 @@ def open_model(arg: str, dtype: str | None = None, device: str = "cpu", cache_di
     """An artifact directory or any model argument (path or alias) -> (LoadedModel, manifest or None)."""
     if is_artifact(arg):
         return load_artifact(arg, device=device)
+    if str(arg).endswith(".onnx"):
+        from sparsify.eval.onnx_model import open_onnx
+
+        return open_onnx(arg, device=device)
     from sparsify.models.load import load_model, resolve
 
     source = resolve(arg, cache_dir=cache_dir)

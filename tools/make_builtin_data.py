@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import re
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -23,27 +24,37 @@ import numpy as np
 OUT = Path(__file__).resolve().parent.parent / "sparsify" / "data"
 CALIB_CHARS, EVAL_CHARS = 1_200_000, 300_000
 
-PHOTOS = {  # file -> caption (skimage: public domain / CC0 per skimage's README; matplotlib: public domain)
-    "astronaut.png": "a photo of an astronaut in a white spacesuit",
+PHOTOS = {  # file -> caption; each public domain or CC0 per its skimage.data docstring (Grace Hopper: US Navy)
+    "astronaut.png": "a portrait photo of an astronaut in an orange spacesuit",
     "coffee.png": "a photo of a cup of coffee on a saucer",
     "chelsea.png": "a photo of a cat",
     "rocket.jpg": "a photo of a rocket on a launch pad",
-    "motorcycle_left.png": "a photo of a motorcycle",
+    "camera.png": "a black and white photo of a man filming with a camera on a tripod",
     "hubble_deep_field.jpg": "a telescope image of distant galaxies",
     "retina.jpg": "a medical photo of a human retina",
     "grace_hopper.jpg": "a portrait photo of a woman in a navy uniform",
 }
 
 
+def _is_prose(line: str) -> bool:
+    """A paragraph of running text: long, ends like a sentence, not a heading/list/table/gallery line."""
+    return len(line) >= 120 and line[0] not in "=*#:;|!{}" and line[-1] in ".!?\"')" \
+        and not re.match(r"(File|Image):", line)
+
+
 def _clean(text: str) -> str:
+    """Wiki markup -> readable paragraphs separated by one blank line."""
     from gensim.corpora.wikicorpus import filter_wiki
 
     text = filter_wiki(text)
-    text = re.sub(r"'{2,}", "", text)
-    text = re.sub(r"^[=*#:;|!{}].*$", "", text, flags=re.M)  # headings, lists, table debris
-    text = re.sub(r"\[\[|\]\]|\{\{|\}\}", "", text)
-    paras = [re.sub(r"[ \t]+", " ", p).strip() for p in re.split(r"\n\s*\n", text)]
-    return "\n\n".join(p for p in paras if len(p) > 80)
+    text = re.sub(r"'{2,}", "", text)  # bold / italic quotes
+    text = re.sub(r"\[\[|\]\]|\{\{|\}\}", "", text)  # unbalanced link / template brackets
+    text = re.sub(r"\(\s*[,;]?\s*\)", "", text)  # parentheses emptied by dropped templates: "()", "( ; )"
+    text = re.sub(r"\(\s*[,;]\s*", "(", text)  # "(, lit. ..." -> "(lit. ..."
+    text = re.sub(r"[ \t]+([,.;:])", r"\1", text)  # space left before punctuation by a dropped template
+    text = re.sub(r"[ \t]+", " ", text)
+    lines = (ln.strip() for ln in text.splitlines())  # one wiki line = one paragraph
+    return "\n\n".join(ln for ln in lines if _is_prose(ln))
 
 
 def make_text() -> dict:
@@ -89,6 +100,18 @@ def _load_photo(name: str):
     raise FileNotFoundError(name)
 
 
+def _npz(arrays: dict) -> bytes:
+    """np.savez_compressed with a fixed zip timestamp, so the bytes depend only on the arrays."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, arr in arrays.items():
+            member = io.BytesIO()
+            np.lib.format.write_array(member, np.asarray(arr), allow_pickle=False)
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            zf.writestr(info, member.getvalue(), compress_type=zipfile.ZIP_DEFLATED, compresslevel=9)
+    return buf.getvalue()
+
+
 def make_images(per_photo: int = 6, size: int = 64) -> dict:
     from PIL import Image
 
@@ -107,10 +130,9 @@ def make_images(per_photo: int = 6, size: int = 64) -> dict:
             crop = img.crop((box[0], box[1], box[0] + side, box[1] + side)).resize((size, size), Image.BICUBIC)
             crops.append(np.asarray(crop, dtype=np.uint8))
             captions.append(caption)
-    buf = io.BytesIO()
-    np.savez_compressed(buf, images=np.stack(crops), captions=np.array(captions))
-    (OUT / "images.npz").write_bytes(buf.getvalue())
-    return {"images": len(crops), "size": size, "bytes": len(buf.getvalue())}
+    blob = _npz({"images": np.stack(crops), "captions": np.array(captions)})
+    (OUT / "images.npz").write_bytes(blob)
+    return {"images": len(crops), "size": size, "bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
 
 
 if __name__ == "__main__":

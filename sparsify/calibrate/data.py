@@ -3,6 +3,7 @@
 Sources: ``builtin`` (Wikipedia text / public-domain photos shipped in `sparsify.data`), a ``.txt``
 file, a ``.jsonl`` file with a ``text`` field per line, or a folder of images (optional
 ``labels.txt`` / ``captions.txt``: ``filename<TAB>value`` per line).
+Random choices all come from ``torch.Generator().manual_seed(seed)``, so a seed fixes the data.
 """
 from __future__ import annotations
 
@@ -10,39 +11,58 @@ import gzip
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from sparsify.errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+TEXT_SUFFIXES = (".txt", ".jsonl")
+
+
+def _read_jsonl(path: Path) -> str:
+    """The ``text`` fields of a JSON-lines file, joined as paragraphs."""
+    texts = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise UserError(f"{path.name} line {number}: every line must be a JSON object with a \"text\" string field")
+        texts.append(record["text"])
+    return "\n\n".join(texts)
 
 
 def load_text(source: str, split: str = "calib") -> str:
-    """All text of a source; ``builtin`` gives the built-in ``calib`` or ``eval`` split."""
-    from sparsify.data import text_path
-
+    """All text of a source; ``builtin`` gives the built-in ``calib`` or held-out ``eval`` split."""
     if source == "builtin":
-        return gzip.decompress(text_path(split).read_bytes()).decode()
+        from sparsify.data import text_path
+
+        if split not in ("calib", "eval"):
+            raise UserError(f"unknown built-in text split {split!r}: use 'calib' or 'eval'")
+        return gzip.decompress(text_path(split).read_bytes()).decode("utf-8")
     path = Path(source)
+    suffix = path.suffix.lower()
+    if suffix not in TEXT_SUFFIXES:
+        raise UserError(f"{path.name}: unknown text format; pass a .txt file, a .jsonl file (a \"text\" field "
+                        "per line) or 'builtin'")
     if not path.is_file():
-        raise UserError(f"data file {source} does not exist: pass a .txt or .jsonl file, or 'builtin'")
-    if path.suffix == ".txt":
-        text = path.read_text(encoding="utf-8", errors="replace")
-    elif path.suffix == ".jsonl":
-        lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-        try:
-            text = "\n\n".join(json.loads(ln)["text"] for ln in lines)
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise UserError(f"{path.name}: every line must be a JSON object with a \"text\" field") from None
-    else:
-        raise UserError(f"{path.name}: unknown text format; use .txt or .jsonl (a \"text\" field per line)")
+        raise UserError(f"data file {source} does not exist: pass an existing .txt or .jsonl file, or 'builtin'")
+    text = _read_jsonl(path) if suffix == ".jsonl" else path.read_text(encoding="utf-8", errors="replace")
     if not text.strip():
         raise UserError(f"{path.name} is empty: pass a file with text in it")
     return text
 
 
 def _tokens(tokenizer, text: str) -> torch.Tensor:
-    """Token ids of the whole text in one call (no special tokens, no length warning)."""
+    """Token ids of the whole text in one call -> (N,).
+
+    No special tokens (windows are cut from the middle of the stream); ``verbose=False`` silences the
+    "longer than the specified maximum sequence length" warning, which is expected for a whole corpus.
+    """
     ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     return torch.tensor(ids, dtype=torch.long)
 
@@ -52,90 +72,139 @@ def _too_short(n_tokens: int, needed: int) -> UserError:
                      "pass more text or a smaller --seq-len")
 
 
+def _check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if value is not None and value < 1:
+            raise UserError(f"{name} is {value}: pass a positive number")
+
+
 def text_windows(tokenizer, text: str, n: int, seq_len: int, seed: int) -> torch.Tensor:
-    """n random windows of seq_len tokens (seeded starts, Wanda/SparseGPT style) -> (n, seq_len)."""
-    ids = _tokens(tokenizer, text)
+    """n random windows of seq_len tokens (seeded starts, Wanda/SparseGPT style).
+
+    Returns:
+        LongTensor (n, seq_len); the same seed gives the same windows.
+    """
+    _check_positive(samples=n, seq_len=seq_len)
+    ids = _tokens(tokenizer, text)  # (N,)
     if ids.numel() < seq_len + 1:
         raise _too_short(ids.numel(), seq_len + 1)
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seq_len, (n,), generator=g)  # (n,)
-    return torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
+    return ids[starts[:, None] + torch.arange(seq_len)]  # (n, seq_len)
 
 
 def eval_windows(tokenizer, text: str, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
-    """Consecutive non-overlapping windows from the start -> (n, seq_len)."""
-    ids = _tokens(tokenizer, text)
+    """Consecutive non-overlapping windows from the start of the text (for perplexity).
+
+    Returns:
+        LongTensor (n, seq_len), n = min(full windows in the text, max_windows).
+    """
+    _check_positive(seq_len=seq_len, max_windows=max_windows)
+    ids = _tokens(tokenizer, text)  # (N,)
     n = ids.numel() // seq_len
     if n == 0:
         raise _too_short(ids.numel(), seq_len)
-    n = min(n, max_windows) if max_windows else n
-    return ids[:n * seq_len].view(n, seq_len)
+    n = n if max_windows is None else min(n, max_windows)
+    return ids[:n * seq_len].view(n, seq_len)  # (n, seq_len)
 
 
-def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-
-
-def _table(folder: Path, name: str) -> dict[str, str]:
-    f = folder / name
-    if not f.exists():
-        return {}
-    return dict(ln.split("\t", 1) for ln in f.read_text().splitlines() if "\t" in ln)
+def _pick(count: int, n: int, seed: int) -> list[int]:
+    """A seeded choice of min(n, count) of range(count), in ascending order."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(count, generator=g)[:n].sort().values.tolist()
 
 
 def _square(img, size: int) -> torch.Tensor:
-    """PIL image -> (3, size, size) float in [0, 1]: resize the shorter side, centre crop."""
+    """PIL image -> (3, size, size) float in [0, 1]: resize the shorter side to size, centre crop."""
     from PIL import Image
 
     img = img.convert("RGB")
     w, h = img.size
     scale = size / min(w, h)
     img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
-    w, h = img.size
-    left, top = (w - size) // 2, (h - size) // 2
+    left, top = (img.size[0] - size) // 2, (img.size[1] - size) // 2
     img = img.crop((left, top, left + size, top + size))
-    return torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(size, size, 3).permute(2, 0, 1).float() / 255
+    pixels = torch.from_numpy(np.array(img, dtype=np.uint8))  # (size, size, 3)
+    return pixels.permute(2, 0, 1).float() / 255  # (3, size, size)
 
 
-def _pick(count: int, n: int, seed: int) -> list[int]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randperm(count, generator=g)[:n].sort().values.tolist()
+def _table(folder: Path, name: str) -> dict[str, str]:
+    """``filename<TAB>value`` lines of folder/name -> {filename: value}; {} if there is no such file."""
+    path = folder / name
+    if not path.is_file():
+        return {}
+    rows = [ln.split("\t", 1) for ln in path.read_text(encoding="utf-8").splitlines() if "\t" in ln]
+    return {key.strip(): value.strip() for key, value in rows}
 
 
-def _images(source: str, size: int, n: int, seed: int, table: str) -> tuple[torch.Tensor, list[str] | None]:
+def _open(path: Path, size: int) -> torch.Tensor:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            return _square(img, size)
+    except (UnidentifiedImageError, OSError) as err:
+        raise UserError(f"cannot read image {path}: remove or replace the file ({err})") from None
+
+
+def _builtin_images(size: int, n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
     from PIL import Image
 
-    if source == "builtin":
-        import numpy as np
+    from sparsify.data import images_path
 
-        from sparsify.data import images_path
+    with np.load(images_path()) as data:
+        images, captions = data["images"], data["captions"]  # (48, 64, 64, 3) uint8, (48,)
+    chosen = _pick(len(images), n, seed)
+    return torch.stack([_square(Image.fromarray(images[i]), size) for i in chosen]), [str(captions[i]) for i in chosen]
 
-        data = np.load(images_path())
-        chosen = _pick(len(data["images"]), n, seed)
-        imgs = [_square(Image.fromarray(data["images"][i]), size) for i in chosen]
-        return torch.stack(imgs), [str(data["captions"][i]) for i in chosen]
+
+def _folder_images(source: str, size: int, n: int, seed: int, table: str) -> tuple[torch.Tensor, list[str] | None]:
+    """Seeded choice of n images of a folder (recursive, sorted) and their values from ``table`` (or None)."""
     folder = Path(source)
     if not folder.is_dir():
         raise UserError(f"image source {source} is not a folder: pass a folder of .png/.jpg images or 'builtin'")
-    files = _image_files(folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise UserError(f"{folder} holds no .png/.jpg/.jpeg images: add some or use 'builtin'")
     chosen = [files[i] for i in _pick(len(files), n, seed)]
     values = _table(folder, table)
-    with_values = [values.get(f.name) for f in chosen]
-    return torch.stack([_square(Image.open(f), size) for f in chosen]), \
-        (with_values if all(v is not None for v in with_values) else None)
+    found = [values.get(f.relative_to(folder).as_posix(), values.get(f.name)) for f in chosen]
+    images = torch.stack([_open(f, size) for f in chosen])  # (n, 3, size, size)
+    return images, (found if all(v is not None for v in found) else None)
 
 
 def load_images(source: str, size: int, n: int, seed: int) -> tuple[torch.Tensor, list[str] | None]:
-    """(images (n, 3, size, size) in [0, 1], labels from labels.txt or None)."""
-    imgs, labels = _images(source, size, n, seed, "labels.txt")
-    return imgs, (None if source == "builtin" else labels)
+    """Images for calibration or evaluation.
+
+    Args:
+        source: ``builtin`` or a folder of .png/.jpg/.jpeg (searched recursively); an optional
+            ``labels.txt`` (filename<TAB>label) gives labels.
+        size: side of the square output; n: how many (fewer if the source has fewer); seed: the choice.
+    Returns:
+        (images (n, 3, size, size) float in [0, 1], labels of every chosen image, or None).
+    """
+    _check_positive(size=size, samples=n)
+    if source == "builtin":
+        return _builtin_images(size, n, seed)[0], None
+    return _folder_images(source, size, n, seed, "labels.txt")
 
 
 def load_image_text(source: str, size: int, n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
-    """(images, captions) from ``builtin`` or a folder with captions.txt."""
-    imgs, captions = _images(source, size, n, seed, "captions.txt")
+    """(images (n, 3, size, size) in [0, 1], captions) from ``builtin`` or a folder with captions.txt."""
+    _check_positive(size=size, samples=n)
+    if source == "builtin":
+        return _builtin_images(size, n, seed)
+    images, captions = _folder_images(source, size, n, seed, "captions.txt")
     if captions is None:
-        raise UserError(f"{source}: image-text calibration needs captions.txt (filename<TAB>caption per image)")
-    return imgs, captions
+        raise UserError(f"{source}: image-text calibration needs captions.txt with a line "
+                        "'filename<TAB>caption' for every image")
+    return images, captions
+
+
+def build_batches(inputs: str, calib, *, tokenizer=None, image_size=None, image_mean=None, image_std=None,
+                  max_text_len=None) -> list[dict[str, torch.Tensor]]:
+    """The calibration set as model-kwargs batches; see `sparsify.calibrate.batches.build_batches`."""
+    from sparsify.calibrate.batches import build_batches as build
+
+    return build(inputs, calib, tokenizer=tokenizer, image_size=image_size, image_mean=image_mean,
+                 image_std=image_std, max_text_len=max_text_len)

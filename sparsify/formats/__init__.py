@@ -5,6 +5,7 @@ The packer -> file / kernel handoff is a flat ``dict[str, Tensor]`` plus JSON at
 from __future__ import annotations
 
 from sparsify import registry
+from sparsify.config import Scheme
 from sparsify.errors import UserError
 from sparsify.formats import bitmask, dense, nm  # noqa: F401  (registration)
 from sparsify.formats.base import nbytes  # noqa: F401
@@ -18,15 +19,20 @@ _BY_SCHEME = {
 
 
 def format_for(scheme) -> tuple[str, dict]:
-    """The packed format (name, pack options) that stores a scheme."""
+    """The packed format (name, pack options) that stores a `Scheme` (or scheme string)."""
+    scheme = Scheme.parse(scheme)
+    if scheme.kind == "block":
+        raise UserError("block schemes need the bsr format (not yet available)")
     if scheme.kind not in _BY_SCHEME:
-        raise UserError(f"scheme {scheme} has no packed format in this version: use unstructured or N:M")
+        raise UserError(f"scheme {scheme} has no packed format: use unstructured or N:M (e.g. 2:4)")
     return _BY_SCHEME[scheme.kind](scheme)
 
 
-def pack(name: str, weight, **options):
+def pack(name: str, weight, **options) -> tuple[dict, dict]:
+    """Pack a dense (out, in) weight with the named format -> (tensors, attrs)."""
     return registry.get(registry.FORMATS, name, "packed format").pack(weight, **options)
 
 
 def unpack(name: str, tensors: dict, attrs: dict):
+    """The dense weight back from the named format's (tensors, attrs), bit-exact."""
     return registry.get(registry.FORMATS, name, "packed format").unpack(tensors, attrs)

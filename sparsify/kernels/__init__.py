@@ -1,91 +1,134 @@
-"""Kernel dispatch: picks the implementation of a packed linear by device, format and token count.
+"""Kernel dispatch: picks the implementation of a packed linear by device, format, quant and token count.
 
-``SPARSIFY_KERNELS=reference|triton|auto`` (default auto) forces a path; tests use ``triton`` to
-run the Triton kernels on CPU under the interpreter. On CPU, auto means the reference.
-On CUDA: Triton for N:M at small token counts (memory-bound decode), torch's semi-structured
-sparse matmul (cuSPARSELt / CUTLASS) for 2:4 fp16/bf16 at large token counts, otherwise the
-dense weight unpacked once and cached. The token threshold below is a placeholder until
-bench/kernels.py is run on a GPU (none was available when it was set): it must come from there.
+``SPARSIFY_KERNELS=reference|triton|auto`` (default auto) forces a path; tests use ``triton`` to run
+the Triton kernels on CPU under the interpreter. Under auto, CPU means the reference. On CUDA:
+our Triton kernels for N:M weights up to a token threshold (memory-bound decode), then torch's
+semi-structured sparse matmul (cuSPARSELt / CUTLASS) for 2:4 fp16/bf16, else the dense weight
+unpacked once and cached. Triton paths go through the custom ops of `sparsify.kernels.ops`.
 """
 from __future__ import annotations
 
 import os
+import weakref
 
 import torch
 
+from sparsify.errors import UserError
 from sparsify.kernels import reference
 
-TRITON_MAX_TOKENS = 64  # crossover Triton -> semi-structured / dense; to be measured (bench/kernels.py)
-_CACHE: dict[tuple, torch.Tensor] = {}  # unpacked or semi-structured weights, GPU paths only
+MODES = ("reference", "triton", "auto")
+TRITON_M = (2, 4, 8, 16)  # group sizes the Triton kernels take
+# Largest token count at which our Triton kernel is used on CUDA, per weight kind. These numbers are
+# placeholders (no GPU when they were set): they MUST be replaced by the crossovers bench/kernels.py
+# measures (the token count where "ours" stops beating semi-structured / dense).
+TRITON_MAX_TOKENS = {"float": 64, "int8": 256, "int4": 256, "fp8": 256, "w8a8": 4096}
+TRITON_PATH = {"float": "triton-nm", "int8": "triton-nm-wq", "int4": "triton-nm-wq", "fp8": "triton-nm-wq",
+               "w8a8": "triton-w8a8"}
+SEMI_DTYPES = (torch.float16, torch.bfloat16)
+_CACHE: dict[tuple, object] = {}  # (id, version, tag) of a packed tensor -> dense / semi-structured weight
 
 
-def _triton_nm(x, fmt, tensors, attrs, bias):
-    from sparsify.kernels.triton.nm_matmul import nm_linear
-
-    return nm_linear(x, tensors["values"], tensors["meta"], attrs["n"], attrs["m"], attrs["bits"], attrs["shape"][0],
-                     quant=attrs.get("quant"), scale=tensors.get("scale"), zero=tensors.get("zero"),
-                     group_size=attrs.get("group_size"), bias=bias)
+def weight_kind(attrs: dict) -> str:
+    """float | int8 | int4 | fp8 | w8a8: the key of the tables above."""
+    return "w8a8" if attrs.get("activations") == "int8" else attrs.get("quant") or "float"
 
 
-def _triton_w8a8(x, fmt, tensors, attrs, bias):
-    from sparsify.kernels.triton.w8a8 import w8a8_linear
-
-    return w8a8_linear(x, tensors["values"], tensors["meta"], tensors["scale"], attrs["n"], attrs["m"], attrs["bits"],
-                       act_scale=tensors.get("input_scale"), bias=bias)
-
-
-def _cached(key, build):
-    if key not in _CACHE:
-        _CACHE[key] = build()
-    return _CACHE[key]
+def semi_structured_available(device: torch.device) -> bool:
+    """torch's 2:4 sparse matmul needs CUDA on sm80+ (Ampere, Hopper)."""
+    return (hasattr(torch.sparse, "to_sparse_semi_structured") and device.type == "cuda"
+            and torch.cuda.get_device_capability(device)[0] >= 8)
 
 
-def _dense_cached(x, fmt, tensors, attrs, bias):
-    from sparsify import formats
-
-    first = next(iter(tensors.values()))
-    w = _cached(("dense", first.data_ptr(), x.dtype), lambda: formats.unpack(fmt, tensors, attrs).to(x.dtype))
-    if attrs.get("activations") == "int8":
-        x = reference.quantize_activations_ref(x, tensors.get("input_scale"))
-    return torch.nn.functional.linear(x, w, bias)
-
-
-def _semi_structured(x, fmt, tensors, attrs, bias):
-    from torch.sparse import to_sparse_semi_structured
-
-    from sparsify import formats
-
-    w = _cached(("semi", tensors["values"].data_ptr(), x.dtype),
-                lambda: to_sparse_semi_structured(formats.unpack(fmt, tensors, attrs).to(x.dtype)))
-    return torch.nn.functional.linear(x, w, bias)
-
-
-IMPLS = {"reference": reference.linear, "triton-nm": _triton_nm, "triton-w8a8": _triton_w8a8,
-         "semi-structured": _semi_structured, "dense-cached": _dense_cached}
+def _mode() -> str:
+    mode = os.environ.get("SPARSIFY_KERNELS", "auto").lower()
+    if mode not in MODES:
+        raise UserError(f"SPARSIFY_KERNELS={mode!r}: set it to reference, triton or auto")
+    return mode
 
 
 def kernel_name(x: torch.Tensor, fmt: str, attrs: dict) -> str:
     """Which implementation `linear` would use for this input and packed weight."""
-    mode = os.environ.get("SPARSIFY_KERNELS", "auto")
-    triton_ok = fmt == "nm" and attrs["m"] <= 16 and attrs.get("quant") in (None, "int8", "int4", "fp8")
-    w8a8 = attrs.get("activations") == "int8"
-    triton_path = "triton-w8a8" if w8a8 else "triton-nm"
+    mode, kind = _mode(), weight_kind(attrs)
+    triton_ok = fmt == "nm" and attrs.get("m") in TRITON_M and kind in TRITON_PATH
     if mode == "reference" or (mode == "triton" and not triton_ok):
         return "reference"
     if mode == "triton":
-        return triton_path
+        if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise UserError("SPARSIFY_KERNELS=triton on CPU needs TRITON_INTERPRET=1 set before sparsify is imported")
+        return TRITON_PATH[kind]
     if x.device.type != "cuda":
         return "reference"
     tokens = x.numel() // x.shape[-1]
-    if triton_ok and tokens <= TRITON_MAX_TOKENS:
-        return triton_path
-    if (fmt == "nm" and (attrs["n"], attrs["m"]) == (2, 4) and not attrs.get("quant")
-            and x.dtype in (torch.float16, torch.bfloat16)):
+    if triton_ok and tokens <= TRITON_MAX_TOKENS[kind]:
+        return TRITON_PATH[kind]
+    if (kind == "float" and fmt == "nm" and (attrs["n"], attrs["m"]) == (2, 4) and x.dtype in SEMI_DTYPES
+            and semi_structured_available(x.device)):
         return "semi-structured"
     return "dense-cached"
 
 
+def _cached(anchor: torch.Tensor, tag, build):
+    """build() once per packed tensor (and in-place version); dropped when the tensor is freed."""
+    key = (id(anchor), anchor._version, tag)
+    if key not in _CACHE:
+        _CACHE[key] = build()
+        weakref.finalize(anchor, _CACHE.pop, key, None)
+    return _CACHE[key]
+
+
+def _dense_weight(x, fmt, tensors, attrs) -> torch.Tensor:
+    from sparsify import formats
+
+    anchor = tensors["values"] if "values" in tensors else next(iter(tensors.values()))
+    return _cached(anchor, ("dense", x.dtype), lambda: formats.unpack(fmt, tensors, attrs).to(x.dtype))  # (out, in)
+
+
+def _dense_cached(x, fmt, tensors, attrs, bias):
+    if attrs.get("activations") == "int8":
+        x = reference.quantize_activations_ref(x, reference.act_scale(tensors, attrs))
+    return torch.nn.functional.linear(x, _dense_weight(x, fmt, tensors, attrs), bias)
+
+
+def _semi_structured(x, fmt, tensors, attrs, bias):
+    def build():
+        try:
+            return torch.sparse.to_sparse_semi_structured(_dense_weight(x, fmt, tensors, attrs))
+        except (RuntimeError, ValueError):  # shape / dtype cuSPARSELt refuses: the dense weight instead
+            return None
+
+    w = _cached(tensors["values"], ("semi", x.dtype), build)
+    if w is None:
+        return _dense_cached(x, fmt, tensors, attrs, bias)
+    y = torch.nn.functional.linear(x.reshape(-1, x.shape[-1]), w, bias)  # (tokens, out)
+    return y.view(*x.shape[:-1], -1)
+
+
+def _triton_nm(x, fmt, tensors, attrs, bias):
+    from sparsify.kernels import ops
+
+    return ops.nm_linear(x, tensors["values"], tensors["meta"], attrs["n"], attrs["m"], bias)
+
+
+def _triton_wq(x, fmt, tensors, attrs, bias):
+    from sparsify.kernels import ops
+
+    return ops.nm_linear_wq(x, tensors["values"], tensors["meta"], tensors["scale"], tensors.get("zero"),
+                            attrs["n"], attrs["m"], attrs["quant"], attrs["group_size"], bias)
+
+
+def _triton_w8a8(x, fmt, tensors, attrs, bias):
+    from sparsify.kernels import ops
+
+    static = reference.act_scale(tensors, attrs)
+    return ops.w8a8_linear(x, tensors["values"], tensors["meta"], tensors["scale"], attrs["n"], attrs["m"],
+                           None if static is None else static.to(x.device), bias)
+
+
+IMPLS = {"reference": reference.linear, "triton-nm": _triton_nm, "triton-nm-wq": _triton_wq,
+         "triton-w8a8": _triton_w8a8, "semi-structured": _semi_structured, "dense-cached": _dense_cached}
+
+
 def linear(x: torch.Tensor, fmt: str, tensors: dict[str, torch.Tensor], attrs: dict,
            bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Packed-weight linear layer: (..., in) -> (..., out)."""
+    """Packed-weight linear layer: x (..., in) -> (..., out) = x @ W^T (+ bias)."""
     return IMPLS[kernel_name(x, fmt, attrs)](x, fmt, tensors, attrs, bias)

@@ -1,33 +1,163 @@
-"""Pure-torch ground truth for every sparse op: unpack the weight, then a dense matmul.
+"""Pure-torch ground truth for every sparse op: unpack the weight, then a dense matmul in fp32.
 
-Always available (CPU, any device) and the oracle of the Triton kernels' tests. `nm_unpack_ref`
-re-derives the N:M layout from its specification with plain indexing, independently of
-`sparsify.formats.nm`, so the two implementations check each other.
+Always available (CPU, any device) and the oracle of the Triton kernels' tests. The N:M layout is
+re-derived here from its specification with plain indexing, independently of `sparsify.formats.nm`,
+so the two implementations check each other:
+
+    values (out, G*N): each group's N kept values, ascending columns (int4: two codes per byte,
+    low nibble = even j); meta (out, ceil(G*N*b/8)) uint8: index j's in-group position at byte
+    (j*b)//8, bit (j*b)%8; b = 2 if M <= 4, 4 if M <= 16, else 8.
+    dequant = (code - zero) * scale[row, ((j // N) * M) // group_size] in fp32.
+
+Every function here has the signature of its Triton twin (`nm_linear_ref` <-> `nm_linear`, ...).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+QMAX = {"int8": 127.0, "int4": 7.0, "fp8": 448.0}
 
-def nm_unpack_ref(values: torch.Tensor, meta: torch.Tensor, n: int, m: int, shape, bits: int) -> torch.Tensor:
-    """Float N:M values + meta -> dense (out, in), straight from the layout in formats/nm.py."""
+
+def index_bits(m: int) -> int:
+    """Bits per in-group index in ``meta``."""
+    return 2 if m <= 4 else 4 if m <= 16 else 8
+
+
+def nm_unpack_ref(values: torch.Tensor, meta: torch.Tensor, n: int, m: int, shape, bits: int | None = None,
+                  ) -> torch.Tensor:
+    """Float N:M values + meta -> dense (out, in) in ``values``' dtype."""
     out, inp = shape
-    k = inp // m * n  # kept values per row
-    j = torch.arange(k)
+    bits = bits or index_bits(m)
+    j = torch.arange(inp // m * n, device=meta.device)  # packed index of each kept value
     byte = meta[:, (j * bits) // 8].long()  # (out, k)
-    idx = (byte >> ((j * bits) % 8)) & ((1 << bits) - 1)  # in-group positions
-    cols = (j // n) * m + idx  # (out, k)
-    dense = torch.zeros(out, inp, dtype=values.dtype)
-    dense[torch.arange(out)[:, None], cols] = values
+    idx = (byte >> ((j * bits) % 8)) & ((1 << bits) - 1)  # (out, k) in-group positions
+    cols = (j // n) * m + idx  # (out, k) dense columns
+    dense = torch.zeros(out, inp, dtype=values.dtype, device=values.device)
+    dense[torch.arange(out, device=meta.device)[:, None], cols] = values
     return dense
 
 
-def quantize_activations_ref(x: torch.Tensor, static_scale=None) -> torch.Tensor:
-    """W8A8's activation rounding, simulated: per-token (or static) symmetric int8, dequantized."""
+def random_nm_weight(out: int, inp: int, n: int, m: int, seed: int = 0, dtype=torch.float32, full: bool = True,
+                     ) -> torch.Tensor:
+    """Random dense (out, in) N:M weight; ``full=False`` also empties ~10% of the kept slots."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, inp, generator=g)
+    keep = (torch.rand(out, inp // m, m, generator=g).argsort(-1) < n).reshape(out, inp)
+    if not full:
+        keep &= torch.rand(out, inp, generator=g) < 0.9
+    return torch.where(keep, w, 0.0).to(dtype)
+
+
+def nm_pack_ref(weight: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense (out, in) with at most n non-zeros per group of m -> (values (out, G*n), meta uint8).
+
+    Each group keeps its non-zeros, topped up with its lowest zero positions, ascending."""
+    out, inp = weight.shape
+    bits = index_bits(m)
+    groups = weight.reshape(out, inp // m, m)  # (out, G, m)
+    pos = torch.arange(m, device=weight.device)
+    score = (groups != 0).int() * (2 * m) + (m - 1 - pos)  # non-zeros first, then lowest positions
+    idx = score.topk(n, dim=-1).indices.sort(-1).values  # (out, G, n)
+    values = groups.gather(-1, idx).reshape(out, -1)  # (out, G*n)
+    k = idx.shape[1] * n
+    shifted = idx.reshape(out, k).long() << ((torch.arange(k, device=weight.device) * bits) % 8)  # (out, k)
+    nbytes = -(-k * bits // 8)
+    byte_of = (torch.arange(k, device=weight.device) * bits) // 8  # (k,)
+    meta = torch.zeros(out, nbytes, dtype=torch.long, device=weight.device).index_add_(1, byte_of, shifted)
+    return values.contiguous(), meta.to(torch.uint8)
+
+
+def int4_pack_ref(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes (out, k) in [0, 15] -> (out, ceil(k/2)) bytes, even j in the low nibble."""
+    if codes.shape[1] % 2:
+        codes = F.pad(codes, (0, 1))
+    return (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8)
+
+
+def int4_unpack_ref(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """(out, ceil(k/2)) bytes -> uint8 codes (out, k)."""
+    return torch.stack([packed & 15, packed >> 4], dim=-1).reshape(packed.shape[0], -1)[:, :k]
+
+
+def value_groups(k: int, n: int, m: int, group_size: int, device=None) -> torch.Tensor:
+    """Quant group of each packed value j: ((j // N) * M) // group_size, shape (k,)."""
+    return ((torch.arange(k, device=device) // n) * m) // group_size
+
+
+def dequant_values_ref(values, scale, zero, n, m, quant, group_size, k) -> torch.Tensor:
+    """Packed codes -> float32 values (out, k): ((code - zero) * scale) in fp32."""
+    codes = int4_unpack_ref(values, k) if quant == "int4" else values
+    grp = value_groups(k, n, m, group_size, values.device)  # (k,)
+    z = zero[:, grp].float() if zero is not None else 8.0 if quant == "int4" else 0.0
+    return (codes.float() - z) * scale[:, grp]  # (out, k)
+
+
+def quant_pack_ref(weight, n, m, quant, group_size=None, symmetric=True):
+    """Dense N:M weight -> (codes, meta, scale (out, ngroups), zero or None) with round-to-nearest
+    scales per group of ``group_size`` dense columns (None: per output channel). For benchmarks/tests."""
+    out, inp = weight.shape
+    gs = group_size or inp
+    values, meta = nm_pack_ref(weight, n, m)  # (out, k)
+    grp = value_groups(values.shape[1], n, m, gs, weight.device)
+    wg = F.pad(weight.float(), (0, -inp % gs)).reshape(out, -1, gs)  # (out, ngroups, gs), last group padded
+    zero = None
+    if quant == "int4" and not symmetric:
+        lo, hi = wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)
+        scale = torch.where(hi > lo, (hi - lo) / 15, torch.ones_like(hi))
+        zero = torch.round(-lo / scale).clamp(0, 15).to(torch.uint8)
+    else:
+        amax = wg.abs().amax(-1)
+        scale = torch.where(amax > 0, amax / QMAX[quant], torch.ones_like(amax))
+    q = values.float() / scale[:, grp]  # (out, k)
+    if quant == "fp8":
+        codes = q.clamp(-448, 448).to(torch.float8_e4m3fn)
+    elif quant == "int8":
+        codes = torch.round(q).clamp(-127, 127).to(torch.int8)
+    else:
+        z = zero[:, grp].float() if zero is not None else 8.0
+        codes = int4_pack_ref((torch.round(q) + z).clamp(0, 15).to(torch.uint8))
+    return codes, meta, scale.contiguous(), zero
+
+
+def nm_linear_ref(x, values, meta, n, m, bias=None) -> torch.Tensor:
+    """y = x @ W^T (+ bias) for float N:M values; fp32 math, output in x's dtype."""
+    out, inp = values.shape[0], x.shape[-1]
+    w = nm_unpack_ref(values.float(), meta, n, m, (out, inp))  # (out, in)
+    y = x.float() @ w.T  # (..., out)
+    return (y if bias is None else y + bias.float()).to(x.dtype)
+
+
+def nm_linear_wq_ref(x, values, meta, scale, zero, n, m, quant, group_size, bias=None) -> torch.Tensor:
+    """Weight-only int8 / int4 / fp8 codes: dequantize in fp32, then `nm_linear_ref`."""
+    k = x.shape[-1] // m * n  # packed values per row
+    return nm_linear_ref(x, dequant_values_ref(values, scale, zero, n, m, quant, group_size, k), meta, n, m, bias)
+
+
+def quantize_act_ref(x: torch.Tensor, act_scale=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (T, K) -> (int8 codes (T, K), fp32 scales (T,)): per token max(amax / 127, 1e-8), or static."""
     xf = x.float()
-    scale = xf.abs().amax(-1, keepdim=True).clamp(min=1e-8) / 127 if static_scale is None else float(static_scale)
-    return (torch.round(xf / scale).clamp(-127, 127) * scale).to(x.dtype)
+    if act_scale is None:
+        scale = (xf.abs().amax(-1) / 127).clamp(min=1e-8)  # (T,)
+    else:
+        scale = torch.as_tensor(act_scale, dtype=torch.float32, device=x.device).reshape(1).expand(x.shape[0])
+    return torch.round(xf / scale[:, None]).clamp(-127, 127).to(torch.int8), scale.contiguous()
+
+
+def quantize_activations_ref(x: torch.Tensor, act_scale=None) -> torch.Tensor:
+    """W8A8's activation rounding, simulated: quantize, dequantize, back in x's dtype."""
+    q, s = quantize_act_ref(x.reshape(-1, x.shape[-1]), act_scale)
+    return (q.float() * s[:, None]).to(x.dtype).reshape(x.shape)
+
+
+def w8a8_linear_ref(x, values, meta, w_scale, n, m, act_scale=None, bias=None) -> torch.Tensor:
+    """Exact integer matmul of int8 activations and int8 N:M weights (float64), then the epilogue."""
+    out, inp = values.shape[0], x.shape[-1]
+    qx, sx = quantize_act_ref(x.reshape(-1, inp), act_scale)  # (T, in), (T,)
+    qw = nm_unpack_ref(values, meta, n, m, (out, inp))  # (out, in) int8
+    y = (qx.double() @ qw.double().T).float() * sx[:, None] * w_scale.reshape(1, -1).float()  # (T, out)
+    y = y if bias is None else y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], out)
 
 
 def linear(x: torch.Tensor, fmt: str, tensors: dict[str, torch.Tensor], attrs: dict,
@@ -37,5 +167,11 @@ def linear(x: torch.Tensor, fmt: str, tensors: dict[str, torch.Tensor], attrs: d
 
     weight = formats.unpack(fmt, tensors, attrs).to(x.dtype)  # (out, in)
     if attrs.get("activations") == "int8":
-        x = quantize_activations_ref(x, tensors.get("input_scale"))
+        x = quantize_activations_ref(x, act_scale(tensors, attrs))
     return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
+
+
+def act_scale(tensors: dict, attrs: dict):
+    """The static activation scale of a w8a8 weight, if calibrated (tensor or attribute), else None."""
+    scale = tensors.get("input_scale", attrs.get("input_scale"))
+    return None if scale is None else torch.as_tensor(scale, dtype=torch.float32)

@@ -4,10 +4,15 @@ packed formats so that pack -> unpack reproduces a fake-quantized weight bit for
     dequant = ((code - zero) * scale) in float32, then cast to the weight dtype
     int8: code in [-127, 127], zero 0, scale = amax / 127
     int4: code u in [0, 15]; symmetric: zero 8, scale = amax / 7 (q in [-8, 7])
-          asymmetric: scale = (max - min) / 15, zero = round(-min / scale) (0 is always on the grid)
+          asymmetric: scale = (max - min) / 15 with min <= 0 <= max, zero = round(-min / scale) in
+          [0, 15], so 0.0 is a grid point and a pruned weight dequantizes to exactly 0.0
     fp8:  code float8_e4m3fn, zero 0, scale = amax / 448
-A group whose values are all zero gets scale 1. A kept weight that rounds to 0.0 becomes +0.0,
-i.e. it is pruned too (the packers only keep non-zero bit patterns).
+Scales are per (output row, group of ``group_size`` input columns); a group whose values are all
+zero gets scale 1. A kept weight that rounds to 0.0 becomes +0.0, i.e. it is pruned too (the packers
+only keep non-zero bit patterns).
+
+Public: `compute_params`, `quantize_codes`, `dequantize`, `fake_quantize`, `column_quantizer`;
+`encode` / `decode` / `expand` are the same arithmetic on per-element scales (formats, distillation).
 """
 from __future__ import annotations
 
@@ -52,6 +57,7 @@ def expand(scale: torch.Tensor, zero: torch.Tensor | None, kind: str, group_size
 
 
 def expand_params(params: QuantParams, rows: torch.Tensor, cols: torch.Tensor, in_features: int):
+    """`expand` with the scales, zero points and group size of ``params``."""
     return expand(params.scale, params.zero, params.spec.kind, params.spec.groups(in_features)[0], rows, cols)
 
 
@@ -71,17 +77,32 @@ def decode(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype: 
     return torch.where(dq == 0, torch.zeros((), dtype=dtype), dq)
 
 
-def _grid(weight: torch.Tensor):
-    out, inp = weight.shape
-    rows = torch.arange(out).view(-1, 1).expand(out, inp)
-    cols = torch.arange(inp).view(1, -1).expand(out, inp)
-    return rows, cols
+def dense_params(params: QuantParams, in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) float32 (out, in): the params of every dense column (column c is in group c // size)."""
+    size = params.spec.groups(in_features)[0]
+    scale = params.scale.float().repeat_interleave(size, dim=1)[:, :in_features]  # (out, in)
+    if params.zero is not None:
+        zero = params.zero.float().repeat_interleave(size, dim=1)[:, :in_features]  # (out, in)
+    else:
+        zero = torch.full_like(scale, 8.0 if params.spec.kind == "int4" else 0.0)
+    return scale, zero
+
+
+def quantize_codes(weight: torch.Tensor, params: QuantParams) -> torch.Tensor:
+    """Dense (out, in) codes of ``weight``: int8 (int8), uint8 in [0, 15] (int4), float8_e4m3fn (fp8)."""
+    scale, zero = dense_params(params, weight.shape[1])
+    return encode(weight, scale, zero, params.spec.kind)
+
+
+def dequantize(codes: torch.Tensor, params: QuantParams, dtype: torch.dtype) -> torch.Tensor:
+    """Dense (out, in) codes -> values in ``dtype`` with the shared formula (see `decode`)."""
+    scale, zero = dense_params(params, codes.shape[1])
+    return decode(codes, scale, zero, dtype)
 
 
 def snap(weight: torch.Tensor, params: QuantParams) -> torch.Tensor:
     """dequantize(quantize(weight)) in weight's dtype: the fake-quantized weight."""
-    scale, zero = expand_params(params, *_grid(weight), weight.shape[1])
-    return decode(encode(weight, scale, zero, params.spec.kind), scale, zero, weight.dtype)
+    return dequantize(quantize_codes(weight, params), params, weight.dtype)
 
 
 def fake_quantize(weight: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, QuantParams]:
@@ -92,7 +113,8 @@ def fake_quantize(weight: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, 
 
 class ColumnQuantizer:
     """SparseGPT's joint-quantization hook: scales fixed up front from the weight ("static groups",
-    as GPTQ's option of that name), then ``quantizer(w, c)`` rounds column ``c`` (out,) in float32."""
+    as GPTQ's option of that name), then ``quantizer(w, c)`` rounds column ``c`` (out,) and returns it
+    in float32 (zeros stay +0.0). ``.params`` holds the scales for the final snap and the packer."""
 
     def __init__(self, weight: torch.Tensor, spec: QuantSpec):
         self.params = compute_params(weight, spec)

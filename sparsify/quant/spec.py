@@ -12,7 +12,7 @@ import torch
 from sparsify.errors import UserError
 
 KINDS = ("int8", "int4", "fp8")
-INT4_GROUPS = (32, 64, 128, 256)
+INT4_GROUPS = (32, 64, 128)
 
 
 @dataclass(frozen=True)
@@ -24,8 +24,12 @@ class QuantSpec:
 
     @classmethod
     def parse(cls, quant: str | None, group_size: int | None = None, symmetric: bool | None = None):
-        """``none`` -> None; ``int8`` / ``fp8`` per channel; ``int4`` groups of 128 by default (0: per
-        channel); ``w8a8`` = int8 weights per channel + int8 activations."""
+        """The spec for ``--quant`` / ``--group-size``.
+
+        ``none`` -> None; ``int8`` / ``fp8`` per output channel; ``int4`` groups of 32 / 64 / 128 input
+        columns (default 128; 0 = per output channel), symmetric unless ``symmetric=False``;
+        ``w8a8`` = int8 weights per channel, ``activations="int8"`` (quantized by the runtime).
+        Bad values raise `UserError`."""
         quant = (quant or "none").lower()
         if quant == "none":
             return None
@@ -39,7 +43,8 @@ class QuantSpec:
             return cls(quant, None, True)
         group_size = 128 if group_size is None else group_size
         if group_size not in (0, *INT4_GROUPS):
-            raise UserError(f"--group-size {group_size}: use one of {', '.join(map(str, INT4_GROUPS))} or 0 (per channel)")
+            sizes = ", ".join(map(str, INT4_GROUPS))
+            raise UserError(f"--group-size {group_size}: use one of {sizes} or 0 (per channel)")
         return cls("int4", group_size or None, True if symmetric is None else symmetric)
 
     def groups(self, in_features: int) -> tuple[int, int]:

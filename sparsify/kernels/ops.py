@@ -1,0 +1,52 @@
+"""The Triton kernels as torch custom ops (``torch.ops.sparsify.*``), each with a fake (meta) impl,
+so `torch.compile` and CUDA graphs capture them as single nodes instead of tracing into Triton.
+
+`torch.library.custom_op` (not `triton_op`) because it also compiles under the CPU interpreter
+(ENV.md), where the tests run. No ``from __future__ import annotations``: the schema is inferred
+from these annotations.
+"""
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from sparsify.kernels.triton import nm_matmul, nm_matmul_wq, w8a8
+
+
+def _empty_out(x: Tensor, values: Tensor) -> Tensor:
+    return x.new_empty((*x.shape[:-1], values.shape[0]))  # (..., out)
+
+
+@torch.library.custom_op("sparsify::nm_linear", mutates_args=())
+def nm_linear(x: Tensor, values: Tensor, meta: Tensor, n: int, m: int, bias: Optional[Tensor] = None) -> Tensor:
+    """`nm_matmul.nm_linear` as an op: float N:M weight."""
+    return nm_matmul.nm_linear(x, values, meta, n, m, bias)
+
+
+@nm_linear.register_fake
+def _(x, values, meta, n, m, bias=None):
+    return _empty_out(x, values)
+
+
+@torch.library.custom_op("sparsify::nm_linear_wq", mutates_args=())
+def nm_linear_wq(x: Tensor, values: Tensor, meta: Tensor, scale: Tensor, zero: Optional[Tensor], n: int, m: int,
+                 quant: str, group_size: int, bias: Optional[Tensor] = None) -> Tensor:
+    """`nm_matmul_wq.nm_linear_wq` as an op: int8 / int4 / fp8 codes, weight-only."""
+    return nm_matmul_wq.nm_linear_wq(x, values, meta, scale, zero, n, m, quant, group_size, bias)
+
+
+@nm_linear_wq.register_fake
+def _(x, values, meta, scale, zero, n, m, quant, group_size, bias=None):
+    return _empty_out(x, values)
+
+
+@torch.library.custom_op("sparsify::w8a8_linear", mutates_args=())
+def w8a8_linear(x: Tensor, values: Tensor, meta: Tensor, w_scale: Tensor, n: int, m: int,
+                act_scale: Optional[Tensor] = None, bias: Optional[Tensor] = None) -> Tensor:
+    """`w8a8.w8a8_linear` as an op: int8 activations (dynamic per token, or static) x int8 weight."""
+    return w8a8.w8a8_linear(x, values, meta, w_scale, n, m, act_scale, bias)
+
+
+@w8a8_linear.register_fake
+def _(x, values, meta, w_scale, n, m, act_scale=None, bias=None):
+    return _empty_out(x, values)

@@ -82,6 +82,8 @@ def prune(
     group_size: Optional[int] = typer.Option(None, help="int4 group size along the input dim: 32, 64, 128 (default) or 0 for per channel."),
     joint_quant: bool = typer.Option(True, "--joint-quant/--rtn-quant", help="SparseGPT: quantize inside its column loop (joint) or round after pruning."),
     distill_steps: int = typer.Option(0, help="Sparse distillation steps after pruning, dense model as teacher (0: off)."),
+    distill_mode: str = typer.Option("auto", help="auto | end-to-end | block-wise (one block at a time; auto picks it when teacher + student do not fit)."),
+    distill_lr: float = typer.Option(1e-4, help="Distillation learning rate (AdamW)."),
     targets: list[str] = typer.Option(None, "--targets", help="Glob (or re:REGEX) of Linear names to prune; repeatable."),
     ignore: list[str] = typer.Option(None, "--ignore", help="Glob (or re:REGEX) of names to leave dense; repeatable."),
     calib: str = typer.Option("builtin", help="Calibration data: builtin, a .txt / .jsonl file, or an image folder."),
@@ -108,7 +110,8 @@ def prune(
         method = "magnitude" if model.endswith(".safetensors") and not _has_config(model) else "wanda"
     config = PruneConfig(
         method=method, scheme=scheme, sparsity=sparsity, per=per, quant=quant, group_size=group_size,
-        joint_quant=joint_quant, distill_steps=distill_steps, targets=targets or None,
+        joint_quant=joint_quant, distill_steps=distill_steps, distill_mode=distill_mode,
+        distill_lr=distill_lr, targets=targets or None,
         ignore=ignore or None, method_args=_parse_method_args(method_arg),
         calib=CalibConfig(source=calib, samples=samples, seq_len=seq_len, seed=seed, batch_size=batch_size),
         device=_device(device), dtype=dtype)

@@ -75,6 +75,9 @@ class CalibConfig:
     batch_size: int = 8
 
 
+DISTILL_MODES = ("auto", "end-to-end", "block-wise")
+
+
 @dataclass
 class PruneConfig:
     """Everything that defines one prune run; recorded verbatim in the artifact manifest.
@@ -91,6 +94,8 @@ class PruneConfig:
     group_size: int | None = None  # int4 quantization group along the input dim (None: the quantizer's default)
     joint_quant: bool = True  # quantize inside the pruner's loop when it can (SparseGPT); False: prune, then round
     distill_steps: int = 0  # sparse distillation steps after pruning (0: off)
+    distill_mode: str = "auto"  # auto | end-to-end | block-wise (see sparsify.distill)
+    distill_lr: float = 1e-4  # AdamW learning rate of the distillation
     targets: list[str] | None = None
     ignore: list[str] | None = None
     method_args: dict = field(default_factory=dict)
@@ -103,6 +108,10 @@ class PruneConfig:
         check_sparsity(self.sparsity)
         if self.per not in ("row", "layer"):
             raise UserError(f"--per {self.per!r}: use 'row' or 'layer'")
+        if self.distill_mode not in DISTILL_MODES:
+            raise UserError(f"--distill-mode {self.distill_mode!r}: use {', '.join(DISTILL_MODES)}")
+        if self.distill_steps < 0 or not self.distill_lr > 0:
+            raise UserError("--distill-steps must be >= 0 and --distill-lr > 0")
 
     def to_json(self) -> dict:
         d = asdict(self)

@@ -36,11 +36,11 @@ from torch.nn.utils import parametrize
 from torch.utils.checkpoint import checkpoint
 
 from sparsify import progress
+from sparsify.config import DISTILL_MODES as MODES
 from sparsify.distill_loss import (BlockRecorder, DenseWeights, FakeQuant, PeakRss, chunked_kl, feature_loss,
                                    finalize, kl_logits, masked_step, normalized_mse, plain, run_block, with_hidden)
 from sparsify.errors import UserError
 
-MODES = ("auto", "end-to-end", "block-wise")
 
 
 def estimate_end_to_end_bytes(model: nn.Module, flat: dict[str, nn.Linear], config, tokens: int, kl_chunk: int) -> int:

@@ -175,7 +175,7 @@ def prune(model: str, config: PruneConfig, out: str | Path, *, overwrite: bool =
     if config.distill_steps:
         from sparsify.distill import distill_model
 
-        distill = distill_model(loaded, flat, qparams, config, source)
+        distill = distill_model(loaded, flat, qparams, config, source, lr=config.distill_lr, mode=config.distill_mode)
     manifest = {
         "sparsify_version": __version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "source": {"path": str(source.path), "alias": source.alias, "family": loaded.family.name,

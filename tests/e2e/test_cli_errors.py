@@ -53,6 +53,8 @@ CASES = {
     "pickle checkpoint": (lambda l, t: (t / "m.bin").write_bytes(b"x") and t / "m.bin", [], ["safetensors"]),
     "unknown method": (lambda l, t: l, ["--method", "obs"], ["magnitude", "wanda", "sparsegpt"]),
     "unknown method option": (lambda l, t: l, ["--method", "sparsegpt", "--method-arg", "dampp=0.1"], ["damp"]),
+    "unknown distill mode": (lambda l, t: l, ["--distill-steps", "2", "--distill-mode", "layerwise"], ["block-wise"]),
+    "non-positive distill lr": (lambda l, t: l, ["--distill-steps", "2", "--distill-lr", "0"], ["--distill-lr"]),
 }
 
 

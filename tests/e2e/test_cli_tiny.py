@@ -100,3 +100,17 @@ def test_bench_and_report(tiny, tmp_path):
     rep = cli_json("eval", out, "--windows", "1", "--seq-len", "16", "--report", tmp_path / "rep")
     assert sorted(p.name for p in (tmp_path / "rep").iterdir()) == ["eval.json", "sparsity.png"]
     assert rep["report_files"]
+
+
+@pytest.mark.parametrize("mode", ["end-to-end", "block-wise"])
+def test_distill_from_the_cli_keeps_the_mask(tiny, tmp_path, mode):
+    """--distill-steps / --distill-mode reach the distiller; the artifact's weights stay exactly 2:4."""
+    plain, distilled = tmp_path / "plain", tmp_path / "distilled"
+    cli("prune", tiny["llama"], "--method", "magnitude", "--scheme", "2:4", "-o", plain, *SMALL_CALIB)
+    m = cli_json("prune", tiny["llama"], "--method", "magnitude", "--scheme", "2:4", "-o", distilled, *SMALL_CALIB,
+                 "--distill-steps", "2", "--distill-mode", mode, "--distill-lr", "1e-3")
+    assert m["distill"]["mode"] == mode and m["distill"]["steps"] == 2 and m["config"]["distill_lr"] == 1e-3
+    before, after = dense_weights(plain), dense_weights(distilled)
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k] != 0, after[k] != 0) for k in before)  # same mask, position by position
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # and the kept weights moved

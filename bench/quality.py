@@ -53,6 +53,21 @@ print(time.perf_counter() - t)
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def masks_of(artifact: Path) -> dict:
+    """Every packed Linear's non-zero pattern (out, in) bool, by module name, read back from the artifact."""
+    import sparsify
+    from sparsify.runtime.sparse_linear import SparseLinear
+
+    model = sparsify.load(artifact)[0].model
+    return {n: m.dense_weight() != 0 for n, m in model.named_modules() if isinstance(m, SparseLinear)}
+
+
+def mask_diff(a: dict, b: dict) -> int:
+    """Positions where two artifacts' masks differ (a missing or reshaped tensor counts whole)."""
+    return sum(int((a[k] != b[k]).sum()) if k in b and a[k].shape == b[k].shape else a[k].numel()
+               for k in a) + sum(b[k].numel() for k in b.keys() - a.keys())
+
+
 def runs(suite: str, methods: list[str], schemes: list[str], distill_steps: int) -> list[tuple[str, list[str]]]:
     """(label, prune args) for each configuration of a suite."""
     spine = [(f"{m} {s}", ["--method", m, "--scheme", s, "--sparsity", "0.5"]) for m in methods for s in schemes]
@@ -87,6 +102,7 @@ def main() -> None:
     fwd = dense_forward_seconds(args.model, args.samples, args.seq_len, args.seed)
     dense = sparsify("eval", args.model, *ev)
     rows = [{"config": "dense", "perplexity": dense["perplexity"]["perplexity"], "sparsity": 0.0}]
+    masks = None
     with tempfile.TemporaryDirectory() as tmp:
         for i, (label, prune_args) in enumerate(runs(args.suite, args.methods.split(","), args.schemes.split(","),
                                                      args.distill_steps)):
@@ -96,12 +112,17 @@ def main() -> None:
             wall = time.perf_counter() - t
             r = sparsify("eval", str(out), *ev)
             tim = m["timing"]
+            mask = {}
+            if label.startswith("sparsegpt 2:4 distill"):  # the distilled mask must equal the undistilled one
+                masks = masks or masks_of(out)  # the first distill row (0 steps) is the reference
+                mask = {"mask_vs_distill_0_differing": mask_diff(masks, masks_of(out)),
+                        "mask_positions": sum(v.numel() for v in masks.values())}
             rows.append({"config": label, "args": prune_args, "perplexity": r["perplexity"]["perplexity"],
                          "sparsity": m["totals"]["sparsity"], "bytes_ratio": m["totals"]["ratio"],
                          "prune_s": tim["prune_s"], "calibrate_prune_s": tim["calibrate_prune_s"],
                          "process_s": round(wall, 1), "peak_rss_mb": tim["peak_rss_mb"],
                          "calibrate_prune_over_2_forwards": round(tim["calibrate_prune_s"] / (2 * fwd), 2),
-                         "distill": m.get("distill")})
+                         "distill": m.get("distill"), **mask})
             print(json.dumps(rows[-1]), file=sys.stderr)
     result = {"model": args.model, "suite": args.suite,
               "calibration": {"source": "builtin", "samples": args.samples, "seq_len": args.seq_len, "seed": args.seed},
@@ -116,6 +137,11 @@ def main() -> None:
         print(f"{r['config']:<32} {r['perplexity']:>9.2f} {r['sparsity']:>9.3f} {r.get('bytes_ratio', 1):>6.3f} "
               f"{r.get('prune_s', 0):>8.1f} {r.get('calibrate_prune_over_2_forwards', 0):>6.2f} "
               f"{r.get('peak_rss_mb', 0):>7.0f}")
+    for r in rows:
+        if r.get("distill"):
+            print(f"{r['config']}: distillation {r['distill']['wall_s']:.0f} s wall ({r['distill']['mode']}), "
+                  f"peak RSS {r['distill']['peak_rss_mb']:.0f} MB, mask positions differing from 0 steps: "
+                  f"{r.get('mask_vs_distill_0_differing')} of {r.get('mask_positions')}")
     print(f"dense forward over the calibration set: {fwd:.1f} s (the /2fwd column: calibrate+prune time over two "
           f"such passes); results -> {out_json}")
 

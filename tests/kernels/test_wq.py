@@ -49,7 +49,7 @@ def test_dequant_ref_matches_slow_loop_and_weight(quant, gs, sym):
 
 @pytest.mark.parametrize("n,m", [(2, 4), (4, 8)])
 @pytest.mark.parametrize("quant,gs,sym", QUANTS, ids=lambda v: str(v))
-@pytest.mark.parametrize("tokens", [1, 17])
+@pytest.mark.parametrize("tokens", [1, 3, 17])
 def test_wq_matches_reference(n, m, quant, gs, sym, tokens):
     out, inp = 33, 96
     seed = tokens + 10 * n + len(quant)

@@ -31,6 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _official(repo: str):
+    if not (Path(repo) / "lib" / "prune.py").is_file():
+        raise SystemExit(f"--repo {repo}: no lib/prune.py there; pass a checkout of github.com/locuslab/wanda")
     sys.modules.setdefault("datasets", types.SimpleNamespace(load_dataset=None))
     torch.cuda.synchronize = lambda *a, **k: None
     sys.path.insert(0, repo)

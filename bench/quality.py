@@ -33,6 +33,17 @@ def sparsify(*args: str) -> dict:
     return json.loads(proc.stdout)
 
 
+def protocol_parser(doc: str) -> argparse.ArgumentParser:
+    """The reference protocol's options, shared by the quality benchmarks (SmolLM2, 64 x 512 calib, 32 x 512 eval)."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--windows", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=0)
+    return ap
+
+
 def dense_forward_seconds(model: str, samples: int, seq_len: int, seed: int) -> float:
     """Wall time of one forward pass over the calibration set, in a fresh process (same batches as prune)."""
     code = f"""
@@ -82,12 +93,7 @@ def runs(suite: str, methods: list[str], schemes: list[str], distill_steps: int)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--samples", type=int, default=64)
-    ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--windows", type=int, default=32)
-    ap.add_argument("--seed", type=int, default=0)
+    ap = protocol_parser(__doc__)
     ap.add_argument("--suite", default="spine", help="spine | quant | distill | all, or a comma list")
     ap.add_argument("--methods", default="magnitude,wanda,sparsegpt")
     ap.add_argument("--schemes", default="unstructured,2:4,4:8")

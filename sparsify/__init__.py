@@ -5,7 +5,7 @@ Public API (imports are lazy so that `sparsify --help` stays fast):
     load(artifact)                        -> (LoadedModel, manifest)
     evaluate(model_or_artifact, ...)      -> result dict
 """
-__version__ = "0.1.0"
+from sparsify.version import __version__
 
 __all__ = ["prune", "load", "evaluate", "PruneConfig", "CalibConfig", "Scheme", "UserError", "__version__"]
 

@@ -3,6 +3,21 @@
 Tensors are read one at a time with `safe_open`, pruned if targeted, packed and appended to the
 streaming writer, so memory holds a few tensors at most whatever the file size. Without a config
 the model cannot run, so calibrated methods are refused up front.
+
+Default targets (no ``--targets``), decided from names, shapes and dtypes alone since there is no
+model to inspect: every 2-D floating-point (F16 / BF16 / F32 / F64) tensor named ``*.weight``,
+whatever its module is called, except
+- embeddings: a name part containing ``embed`` or ``token_type``, or named ``wte`` / ``wpe`` / ``shared``
+  (T5's token table) / ``relative_attention_bias``;
+- norms: a name part containing ``norm`` (LayerNorm, RMSNorm, ...) or ``ln_*`` / ``ln1`` (GPT-2's
+  ``ln_f``); norm weights are 1-D anyway;
+- output heads: ``lm_head``, ``head``, ``*_head``, ``score``, or a part containing ``classifier``
+  (DeiT's ``cls_classifier``): they map hidden states to vocabulary / class logits, the layer whose
+  pruning costs the most quality for the least size (and that the model-directory path skips too).
+Integer, bool and fp8 tensors (indices, masks, already-quantized codes) and tensors that are not 2-D
+are never default targets. With an N:M scheme, GPT-2-style Conv1D names (``c_attn``, ``c_fc``,
+``c_proj``, ``q_attn``) are skipped unless ``--targets`` names them: those weights are stored
+(in, out), and without config.json nothing says so. A checkpoint that names its matrices otherwise takes ``--targets``.
 """
 from __future__ import annotations
 
@@ -11,20 +26,33 @@ import re
 import time
 from datetime import datetime, timezone
 
-from sparsify import __version__
 from sparsify.errors import UserError
 from sparsify.exporters.artifact import ArtifactWriter
 from sparsify.formats import format_for
 from sparsify.packing import pack_weight, skip_reason, totals
+from sparsify.resources import peak_rss_mb
+from sparsify.version import __version__
 
-_IN_BLOCK = re.compile(r"\.\d+\.")  # a repeated block: layers.3., layer.3., h.3., blocks.3.
-_NEVER = re.compile(r"embed|norm|lm_head|(^|\.)head\.|ln_|layernorm", re.IGNORECASE)
+FLOATS = ("F16", "BF16", "F32", "F64")  # safetensors dtype names the pruners compute in
+# Never default targets (module docstring), tested on each part of the dotted module name:
+_PART_HAS = re.compile(r"embed|token_type|norm|classifier", re.IGNORECASE)  # embeddings, norms, heads
+_PART_IS = re.compile(r"wte|wpe|shared|relative_attention_bias"  # embeddings
+                      r"|ln(_.*|\d*)"  # GPT-2-style norms
+                      r"|head|.*_head|score", re.IGNORECASE)  # output heads (lm_head, ...)
 
 
-def default_targets(names: list[str], shapes: dict[str, list[int]]) -> list[str]:
-    """Matrices inside repeated blocks, never embeddings, norms or the output head."""
-    return [n for n in names if n.endswith(".weight") and len(shapes[n]) == 2
-            and _IN_BLOCK.search(n) and not _NEVER.search(n)]
+# transformers' Conv1D modules (GPT-2 family) store their weight transposed; a bare file cannot say so
+_CONV1D = re.compile(r"(^|\.)(c_attn|c_fc|c_proj|q_attn)\.weight$")
+
+
+def _excluded(module: str) -> bool:
+    return any(_PART_HAS.search(part) or _PART_IS.fullmatch(part) for part in module.split("."))
+
+
+def default_targets(names: list[str], shapes: dict[str, list[int]], dtypes: dict[str, str]) -> list[str]:
+    """The 2-D floating-point ``*.weight`` tensors that are not embeddings, norms or output heads."""
+    return [n for n in names if (n == "weight" or n.endswith(".weight")) and len(shapes[n]) == 2
+            and dtypes[n] in FLOATS and not _excluded(n.removesuffix("weight").rstrip("."))]
 
 
 def prune_bare(source, config, pruner, method_cfg, out, overwrite: bool) -> dict:
@@ -33,7 +61,6 @@ def prune_bare(source, config, pruner, method_cfg, out, overwrite: bool) -> dict
     from sparsify import progress
     from sparsify.models.layout import select
     from sparsify.models.load import sha256_files
-    from sparsify.pipeline import peak_rss_mb
 
     if pruner.stats:
         raise UserError(f"method {pruner.name!r} needs calibration data, which needs the model's config.json: "
@@ -45,10 +72,11 @@ def prune_bare(source, config, pruner, method_cfg, out, overwrite: bool) -> dict
     with safe_open(str(path), framework="pt") as f, ArtifactWriter(out, overwrite) as w:
         names = list(f.keys())
         shapes = {n: list(f.get_slice(n).get_shape()) for n in names}
+        dtypes = {n: f.get_slice(n).get_dtype() for n in names}
         if config.targets:
             chosen = select(names, config.targets, config.ignore)
         else:
-            chosen = default_targets(names, shapes)
+            chosen = default_targets(names, shapes, dtypes)
             chosen = select(chosen, None, config.ignore) if config.ignore else chosen
         if not chosen:
             raise UserError(f"{path.name}: no tensor matches the targets: pass --targets (e.g. '*proj.weight')")
@@ -57,6 +85,9 @@ def prune_bare(source, config, pruner, method_cfg, out, overwrite: bool) -> dict
             for name in names:
                 tensor = f.get_tensor(name)
                 reason = skip_reason(tensor, config.scheme) if name in chosen else "not targeted"
+                if reason is None and config.scheme.kind == "nm" and not config.targets and _CONV1D.search(name):
+                    reason = ("GPT-2-style Conv1D name: stored (in, out), so N:M groups would run along the wrong "
+                              "dimension; pass the model directory (config.json) or name it in --targets")
                 if reason is None:
                     pruned = pruner.prune(tensor, None, config.scheme, config.sparsity, config.per, method_cfg)
                     module = name.removesuffix(".weight")

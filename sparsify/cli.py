@@ -54,14 +54,15 @@ def _emit(result: dict, as_json: bool, render) -> None:
             Console().print(item)
 
 
-def _parse_method_args(items: list[str]) -> dict:
+def _parse_kv(items: list[str], flag: str) -> dict:
+    """``KEY=VALUE`` items (values as JSON where they parse, else strings)."""
     from sparsify.errors import UserError
 
     out = {}
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep:
-            raise UserError(f"--method-arg {item!r}: use KEY=VALUE, e.g. --method-arg damp=0.01")
+            raise UserError(f"{flag} {item!r}: use KEY=VALUE, e.g. {flag} damp=0.01")
         try:
             out[key.replace("-", "_")] = json.loads(value)
         except json.JSONDecodeError:
@@ -69,54 +70,92 @@ def _parse_method_args(items: list[str]) -> dict:
     return out
 
 
+# Options shared by `prune` and `plan`: declared once, added to both commands by `layer_options`.
+LAYER_OPTIONS = [
+    ("method", Optional[str], typer.Option(None, help="magnitude | wanda | sparsegpt. Default: wanda, or magnitude for a bare .safetensors.")),
+    ("scheme", str, typer.Option("unstructured", help="unstructured | N:M (2:4, 4:8, ...).")),
+    ("sparsity", float, typer.Option(0.5, help="Fraction removed, in [0, 1) (unstructured).")),
+    ("per", str, typer.Option("row", help="unstructured threshold per output 'row' or per 'layer'.")),
+    ("quant", str, typer.Option("none", help="none | int8 (per channel) | int4 (per group) | fp8 (e4m3, per channel) | w8a8 (int8 weights and activations).")),
+    ("group_size", Optional[int], typer.Option(None, help="int4 group size along the input dim: 32, 64, 128 (default) or 0 for per channel.")),
+    ("plan", Optional[str], typer.Option(None, "--plan", help="Per-layer rules (YAML/JSON: match glob -> method, scheme, sparsity, quant, group_size, skip), or an artifact to repeat its plan.")),
+    ("allocation", str, typer.Option("uniform", help="Per-layer sparsity: uniform | owl (outlier-weighed, per block; needs calibration).")),
+    ("targets", list[str], typer.Option(None, "--targets", help="Glob (or re:REGEX) of Linear names to prune; repeatable.")),
+    ("ignore", list[str], typer.Option(None, "--ignore", help="Glob (or re:REGEX) of names to leave dense; repeatable.")),
+    ("method_arg", list[str], typer.Option(None, "--method-arg", help="Method hyper-parameter KEY=VALUE (e.g. damp=0.01, blocksize=128).")),
+    ("dtype", Optional[str], typer.Option(None, help="float32 | float16 | bfloat16. Default: the checkpoint's own.")),
+    ("cache_dir", Optional[str], typer.Option(None, help="Where built-in models are converted (default ~/.cache/sparsify or $SPARSIFY_CACHE).")),
+    ("trust_remote_code", bool, typer.Option(False, help="Allow the checkpoint's own Python code (off by default).")),
+]
+
+
+def layer_options(fn):
+    """Add `LAYER_OPTIONS` to a command's signature (as click option decorators do); the command
+    receives them as one dict, ``layer``."""
+    import inspect
+
+    sig = inspect.signature(fn)
+    own = [p for p in sig.parameters.values() if p.name != "layer"]
+    extra = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=d, annotation=a) for n, a, d in LAYER_OPTIONS]
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return fn(*args, layer={n: kwargs.pop(n) for n, _, _ in LAYER_OPTIONS}, **kwargs)
+
+    wrapper.__signature__ = sig.replace(parameters=own + extra)
+    del wrapper.__wrapped__  # typer must read the signature above, not the inner function's
+    return wrapper
+
+
+def _prune_config(layer: dict, model: str, **more):
+    """A `PruneConfig` from the shared layer options plus a command's own settings."""
+    from sparsify.config import PruneConfig
+
+    method = layer["method"]
+    if method is None:
+        method = "magnitude" if model.endswith(".safetensors") and not _has_config(model) else "wanda"
+    return PruneConfig(method=method, scheme=layer["scheme"], sparsity=layer["sparsity"], per=layer["per"],
+                       quant=layer["quant"], group_size=layer["group_size"], targets=layer["targets"] or None,
+                       ignore=layer["ignore"] or None, method_args=_parse_kv(layer["method_arg"], "--method-arg"),
+                       plan=layer["plan"], allocation=layer["allocation"], dtype=layer["dtype"], **more)
+
+
 @app.command()
 @handles_errors
+@layer_options
 def prune(
     model: str = typer.Argument(..., help="Model directory, .safetensors file, or built-in alias (see 'sparsify models')."),
     output: str = typer.Option(..., "-o", "--output", help="Artifact directory to create."),
-    method: Optional[str] = typer.Option(None, help="magnitude | wanda | sparsegpt. Default: wanda, or magnitude for a bare .safetensors."),
-    scheme: str = typer.Option("unstructured", help="unstructured | N:M (2:4, 4:8, ...)."),
-    sparsity: float = typer.Option(0.5, help="Fraction removed, in [0, 1) (unstructured)."),
-    per: str = typer.Option("row", help="unstructured threshold per output 'row' or per 'layer'."),
-    quant: str = typer.Option("none", help="none | int8 (per channel) | int4 (per group) | fp8 (e4m3, per channel) | w8a8 (int8 weights and activations)."),
-    group_size: Optional[int] = typer.Option(None, help="int4 group size along the input dim: 32, 64, 128 (default) or 0 for per channel."),
+    allocation_arg: list[str] = typer.Option(None, "--allocation-arg", help="Allocator option KEY=VALUE (owl: m=5, lam=0.08); repeatable."),
+    save_allocation: Optional[str] = typer.Option(None, help="Also write the resolved per-layer plan (after allocation) to this YAML/JSON file."),
     joint_quant: bool = typer.Option(True, "--joint-quant/--rtn-quant", help="SparseGPT: quantize inside its column loop (joint) or round after pruning."),
     distill_steps: int = typer.Option(0, help="Sparse distillation steps after pruning, dense model as teacher (0: off)."),
     distill_mode: str = typer.Option("auto", help="auto | end-to-end | block-wise (one block at a time; auto picks it when teacher + student do not fit)."),
     distill_lr: float = typer.Option(1e-4, help="Distillation learning rate (AdamW)."),
-    targets: list[str] = typer.Option(None, "--targets", help="Glob (or re:REGEX) of Linear names to prune; repeatable."),
-    ignore: list[str] = typer.Option(None, "--ignore", help="Glob (or re:REGEX) of names to leave dense; repeatable."),
     calib: str = typer.Option("builtin", help="Calibration data: builtin, a .txt / .jsonl file, or an image folder."),
     samples: int = typer.Option(32, help="Calibration samples (the literature uses 128 x 2048 tokens on a GPU; 32 x 512 keeps a CPU run to minutes)."),
     seq_len: int = typer.Option(512, help="Tokens per calibration sample."),
     seed: int = typer.Option(0, help="Seed of the calibration sampling."),
     batch_size: int = typer.Option(8, help="Calibration samples per forward."),
-    method_arg: list[str] = typer.Option(None, "--method-arg", help="Method hyper-parameter KEY=VALUE (e.g. damp=0.01, blocksize=128)."),
     device: str = typer.Option("auto", help="cpu, cuda, or auto (cuda when present)."),
-    dtype: Optional[str] = typer.Option(None, help="float32 | float16 | bfloat16. Default: the checkpoint's own."),
     overwrite: bool = typer.Option(False, help="Replace an existing artifact at -o."),
-    cache_dir: Optional[str] = typer.Option(None, help="Where built-in models are converted (default ~/.cache/sparsify or $SPARSIFY_CACHE)."),
-    trust_remote_code: bool = typer.Option(False, help="Allow the checkpoint's own Python code (off by default)."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
+    layer: dict = None,
 ):
     """Calibrate, prune and pack MODEL into an artifact directory."""
-    from sparsify.config import CalibConfig, PruneConfig
+    from sparsify.config import CalibConfig
     from sparsify.errors import UserError
     from sparsify.pipeline import prune as run_prune
 
     if samples < 1 or seq_len < 2 or batch_size < 1:
         raise UserError("--samples, --batch-size must be >= 1 and --seq-len >= 2")
-    if method is None:
-        method = "magnitude" if model.endswith(".safetensors") and not _has_config(model) else "wanda"
-    config = PruneConfig(
-        method=method, scheme=scheme, sparsity=sparsity, per=per, quant=quant, group_size=group_size,
-        joint_quant=joint_quant, distill_steps=distill_steps, distill_mode=distill_mode,
-        distill_lr=distill_lr, targets=targets or None,
-        ignore=ignore or None, method_args=_parse_method_args(method_arg),
+    config = _prune_config(
+        layer, model, joint_quant=joint_quant, distill_steps=distill_steps, distill_mode=distill_mode,
+        distill_lr=distill_lr, allocation_args=_parse_kv(allocation_arg, "--allocation-arg"),
         calib=CalibConfig(source=calib, samples=samples, seq_len=seq_len, seed=seed, batch_size=batch_size),
-        device=_device(device), dtype=dtype)
-    manifest = run_prune(model, config, output, overwrite=overwrite, cache_dir=cache_dir,
-                         trust_remote_code=trust_remote_code)
+        device=_device(device))
+    manifest = run_prune(model, config, output, overwrite=overwrite, cache_dir=layer["cache_dir"],
+                         trust_remote_code=layer["trust_remote_code"], save_allocation=save_allocation)
     from sparsify.render import prune_summary
 
     _emit(manifest, as_json, lambda m: prune_summary(m, output))
@@ -134,6 +173,23 @@ def _device(name: str) -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@app.command("plan")
+@handles_errors
+@layer_options
+def plan_(
+    model: str = typer.Argument(..., help="Model directory or built-in alias."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    layer: dict = None,
+):
+    """Show the resolved per-layer plan of a prune run (method, scheme, sparsity, format, bytes) without pruning."""
+    from sparsify.planning import describe
+    from sparsify.render import plan_table
+
+    result = describe(model, _prune_config(layer, model), cache_dir=layer["cache_dir"],
+                      trust_remote_code=layer["trust_remote_code"])
+    _emit(result, as_json, plan_table)
 
 
 @app.command("eval")

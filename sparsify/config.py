@@ -99,6 +99,9 @@ class PruneConfig:
     targets: list[str] | None = None
     ignore: list[str] | None = None
     method_args: dict = field(default_factory=dict)
+    plan: str | list | None = None  # rules file / artifact (see sparsify.plan), or a list of rule dicts
+    allocation: str = "uniform"  # per-layer sparsity allocator (sparsify.allocators): uniform | owl
+    allocation_args: dict = field(default_factory=dict)  # the allocator's options (e.g. {"lam": 0.08})
     calib: CalibConfig = field(default_factory=CalibConfig)
     device: str = "cpu"
     dtype: str | None = None

@@ -10,12 +10,16 @@ from sparsify import formats
 from sparsify.formats.base import nbytes
 
 
-def pack_weight(module: str, weight: torch.Tensor, fmt: str, options: dict) -> tuple[dict, dict]:
-    """Pack one pruned weight; returns ({key: tensor}, manifest entry)."""
+def pack_weight(module: str, weight: torch.Tensor, fmt: str, options: dict,
+                layout: str = "linear") -> tuple[dict, dict]:
+    """Pack one pruned (out, in) weight; returns ({key: tensor}, manifest entry).
+
+    ``layout`` records how the source module stores it ("conv1d": transposed, see models/targets.py).
+    """
     tensors, attrs = formats.pack(fmt, weight, **options)
     nnz = int(torch.count_nonzero(weight))
     entry = {
-        "module": module, "format": fmt, "keys": list(tensors), "shape": list(weight.shape),
+        "module": module, "format": fmt, "layout": layout, "keys": list(tensors), "shape": list(weight.shape),
         "dtype": str(weight.dtype).removeprefix("torch."), "attrs": attrs, "numel": weight.numel(), "nnz": nnz,
         "sparsity": 1 - nnz / max(1, weight.numel()), "bytes": nbytes(tensors),
         "dense_bytes": weight.numel() * weight.element_size(),

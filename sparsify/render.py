@@ -25,8 +25,15 @@ def prune_summary(m: dict, output: str) -> list:
     if m.get("distill"):
         d = m["distill"]
         t.add_row("distillation", f"{d.get('steps')} steps ({d.get('mode')}), {d.get('wall_s', 0):.0f} s")
+    formats: dict[str, int] = {}
+    for e in m["tensors"].values():
+        formats[e["format"]] = formats.get(e["format"], 0) + 1
+    if len(formats) > 1 or (m.get("plan") or {}).get("rules"):
+        t.add_row("formats", ", ".join(f"{k}: {v}" for k, v in formats.items()))
+    if m.get("allocation"):
+        t.add_row("allocation", f"{m['allocation']['name']}: {len(m['allocation'].get('groups', {}))} groups")
     t.add_row("time / peak RSS", f"{m['timing']['prune_s']:.1f} s / {m['timing']['peak_rss_mb']:.0f} MB")
-    return [t]
+    return [t] + [f"[yellow]warning:[/yellow] {w}" for w in m.get("warnings") or []]
 
 
 def bench_tables(r: dict) -> list:
@@ -58,3 +65,36 @@ def export_summary(r: dict) -> list:
             value = ", ".join(f"{k}={v}" for k, v in value.items())
         t.add_row(key.replace("_", " "), str(value))
     return [t]
+
+
+def plan_table(r: dict) -> list:
+    """`sparsify plan`: one row per target layer (grouped by block, as `info` shows them), then the totals."""
+    from rich import box
+
+    from sparsify.eval.tables import ellipsize, group_labels, human_bytes, split_name
+
+    split = {row["module"]: split_name(row["module"]) for row in r["layers"]}
+    labels = group_labels([v[0] for v in split.values() if v[1] is not None])
+    title = f"plan for {r['model']}" + ("" if r["allocation"] == "uniform" else f" (before {r['allocation']} allocation)")
+    tot = r["totals"]
+    caption = (f"{tot['compressed']} of {tot['layers']} layers compressed, {tot['ratio']:.3f}x their dense bytes; "
+               f"blocks: {', '.join(f'{p}.N' for p in labels) or '-'}; (T) = stored transposed (Conv1D)")
+    t = Table(box=box.SIMPLE_HEAD, padding=(0, 1), title=title, title_justify="left", caption=caption,
+              caption_justify="left")
+    for col in ("block", "tensor", "shape", "method", "scheme", "format"):
+        t.add_column(col, no_wrap=True)
+    for col in ("sparsity", "est. bytes"):
+        t.add_column(col, justify="right", no_wrap=True)
+    for row in r["layers"]:
+        prefix, index, rest = split[row["module"]]
+        skip = row["skip_reason"]
+        fmt = "-" if skip else row["format"] + ("" if row["quant"] == "none" else f" {row['quant']}")
+        t.add_row("-" if index is None else f"{labels[prefix]}{index}", ellipsize(rest, 20),
+                  "x".join(map(str, row["shape"])) + (" (T)" if row["layout"] == "conv1d" else ""),
+                  "-" if skip else row["method"], "skip" if skip else row["scheme"], fmt, f"{row['sparsity']:.0%}",
+                  human_bytes(row["est_bytes"]))
+    t.add_section()
+    t.add_row("total", "", "", "", "", "", f"{tot['sparsity']:.1%}", human_bytes(tot["est_bytes"]))
+    skipped = [f"skipped {ellipsize(row['module'], 48)}: {row['skip_reason']}" for row in r["layers"]
+               if row["skip_reason"] and row["skip_reason"] != "plan: skip"]
+    return [t, *skipped]

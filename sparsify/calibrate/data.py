@@ -199,12 +199,3 @@ def load_image_text(source: str, size: int, n: int, seed: int) -> tuple[torch.Te
         raise UserError(f"{source}: image-text calibration needs captions.txt with a line "
                         "'filename<TAB>caption' for every image")
     return images, captions
-
-
-def build_batches(inputs: str, calib, *, tokenizer=None, image_size=None, image_mean=None, image_std=None,
-                  max_text_len=None) -> list[dict[str, torch.Tensor]]:
-    """The calibration set as model-kwargs batches; see `sparsify.calibrate.batches.build_batches`."""
-    from sparsify.calibrate.batches import build_batches as build
-
-    return build(inputs, calib, tokenizer=tokenizer, image_size=image_size, image_mean=image_mean,
-                 image_std=image_std, max_text_len=max_text_len)

@@ -1,120 +1,98 @@
 """The block-by-block calibration runner.
 
 For each list of repeated transformer blocks (one for a LM, two for CLIP), capture the inputs of
-its first block by running the model until that block (a pre-hook raises `_Stop`), then for each
-block: (1) forward every calibration batch with hooks that feed the targeted Linears' inputs to
-statistics accumulators, (2) hand the statistics to ``on_block`` (which prunes), (3) forward again
-to produce the next block's inputs from the pruned block. Only one block's statistics exist at a
-time; captured activations live on CPU (``offload=True``) or on the compute device.
+its first block and every block's own other arguments (`sparsify.calibrate.capture`), then for each
+block: (1) forward every calibration batch with hooks that feed the targeted matrices' inputs to
+statistics accumulators (and with any observers attached, e.g. queries and keys per head),
+(2) hand the statistics to ``on_block`` (which prunes, or only records for an allocator's pass),
+(3) forward again to produce the next block's inputs from the block as ``on_block`` left it. Only
+one block's statistics exist at a time; captured activations live on CPU (``offload=True``) or on
+the compute device. Activations that turn NaN / inf stop the run with the block's name.
 """
 from __future__ import annotations
 
+from contextlib import ExitStack
 from typing import Callable
 
 import torch
 from torch import nn
 
 from sparsify import progress
+from sparsify.calibrate.capture import capture, hidden_of
+from sparsify.errors import UserError
 
 
-class _Stop(Exception):
-    pass
+def check_finite(x: torch.Tensor, where: str) -> None:
+    if not torch.isfinite(x).all():
+        raise UserError(f"calibration activations are NaN/inf {where}: the checkpoint overflows in this dtype "
+                        "or holds bad weights; try --dtype float32 or check the checkpoint")
 
 
-def _to(obj, device):
-    """Move tensors inside nested tuples/lists/dicts."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_to(o, device) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
-    return obj
-
-
-def capture_inputs(model: nn.Module, block: nn.Module, batches: list[dict], device, store) -> list[tuple]:
-    """Run the model on each batch up to ``block``; returns its (args, kwargs) per batch on ``store``."""
-    captured = []
-
-    def hook(_module, args, kwargs):
-        captured.append((_to(args, store), _to(kwargs, store)))
-        raise _Stop
-
-    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        with torch.inference_mode():
-            for batch in batches:
-                try:
-                    model(**_to(batch, device))
-                except _Stop:
-                    pass
-    finally:
-        handle.remove()
-    if len(captured) != len(batches):
-        raise RuntimeError(f"captured {len(captured)} of {len(batches)} batches: the block never ran")
-    return captured
-
-
-def _hidden(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-def _replace_hidden(args, kwargs, hidden):
-    if args:
-        return (hidden,) + tuple(args[1:]), kwargs
-    return args, {**kwargs, "hidden_states": hidden}
-
-
-def _forward_all(block, samples, device, store, keep_outputs: bool):
+def forward_block(block: nn.Module, name: str, hidden: list[torch.Tensor], calls: list, device, store,
+                  keep: bool) -> list[torch.Tensor]:
+    """Run one block on every batch; returns its outputs (on ``store``) when ``keep``."""
     outs = []
     with torch.inference_mode():
-        for args, kwargs in samples:
-            out = _hidden(block(*_to(args, device), **_to(kwargs, device)))
-            if keep_outputs:
-                outs.append(_replace_hidden(args, kwargs, out.to(store)))
+        for x, call in zip(hidden, calls):
+            out = hidden_of(call(block, x, device))
+            if keep:
+                check_finite(out, f"at the output of {name}")
+                outs.append(out.to(store))
     return outs
 
 
-def _attach_stats(block_targets: dict[str, nn.Linear], make_acc: Callable[[int], object]):
-    """Forward hooks that accumulate each target's input; Linears that read the same tensor share one
-    accumulator (q/k/v, gate/up), found by identity during the first forward."""
+def attach_stats(block_targets: dict[str, nn.Module], kinds: dict[str, str | None],
+                 make_acc: Callable[[str, int], object]):
+    """Forward hooks that feed each target's input to an accumulator of its kind.
+
+    Targets that read the same tensor and need the same kind (q/k/v, gate/up) share one accumulator,
+    found by identity during the first forward. Returns ({name: accumulator}, hook handles, seen).
+    """
     owner: dict[str, object] = {}
     leaders: set[str] = set()
-    seen: list[tuple[torch.Tensor, object]] = []  # strong refs so ids cannot be reused mid-forward
+    seen: list[tuple[torch.Tensor, str, object]] = []  # strong refs so ids cannot be reused mid-forward
     handles = []
 
-    def make_hook(name):
+    def make_hook(name, kind):
         def hook(_m, inputs, _out):
             x = inputs[0]
             if name not in owner:
-                acc = next((a for t, a in seen if t is x), None)
+                acc = next((a for t, k, a in seen if t is x and k == kind), None)
                 if acc is None:
-                    acc = make_acc(x.shape[-1])
-                    seen.append((x, acc))
+                    acc = make_acc(kind, x.shape[-1])
+                    seen.append((x, kind, acc))
                     leaders.add(name)
                 owner[name] = acc
             if name in leaders:
                 owner[name].add_batch(x.detach())
         return hook
 
-    for name, lin in block_targets.items():
-        handles.append(lin.register_forward_hook(make_hook(name)))
+    for name, module in block_targets.items():
+        if kinds.get(name) is not None:
+            handles.append(module.register_forward_hook(make_hook(name, kinds[name])))
     return owner, handles, seen
 
 
-def run(model: nn.Module, blocks: list[tuple[str, nn.ModuleList]], targets: dict[str, dict[str, nn.Linear]],
-        batches: list[dict], make_acc: Callable[[int], object] | None,
-        on_block: Callable[[dict[str, nn.Linear], dict[str, object]], None],
-        device: str = "cpu", offload: bool = True) -> None:
-    """Calibrate and prune block by block.
+def run(model: nn.Module, blocks: list[tuple[str, nn.ModuleList]], targets: dict[str, dict[str, nn.Module]],
+        batches: list[dict], kinds: dict[str, str | None], make_acc: Callable[[str, int], object] | None,
+        on_block: Callable[[dict[str, nn.Module], dict[str, object], dict[str, object]], None],
+        device: str = "cpu", offload: bool = True, observers: dict[str, Callable] | None = None,
+        label: str = "pruning") -> None:
+    """Calibrate (and prune) block by block.
 
     Args:
         blocks: ``(prefix, ModuleList)`` in forward order (from `models.layout.find_blocks`).
-        targets: block name (``prefix.i``) -> {full Linear name: module} to prune.
-        make_acc: ``in_features -> accumulator``; None for data-free methods (no forward passes).
-        on_block: called once per block with its targets and their accumulators (None values when
-            data-free); it must update the weights in place.
+        targets: block name (``prefix.i``) -> {module name: Linear or Conv1D} to hand to ``on_block``.
+        kinds: module name -> accumulator kind (``registry.ACCUMULATORS``) or None (data-free).
+        make_acc: ``(kind, in_features) -> accumulator``.
+        on_block: ``(block_targets, stats, observed)`` once per block: stats maps each target to its
+            accumulator (None when data-free); observed maps each observer name to what it saw.
+            It may change the weights in place: the next block's inputs come from the block as left.
+        observers: name -> ``factory(block)``, a context manager active during the statistics pass
+            whose ``as`` value is handed to ``on_block`` (see `calibrate.observers`).
     """
+    observers = observers or {}
+    needs_data = bool(batches) and (observers or any(k is not None for k in kinds.values()))
     store = "cpu" if offload else device
     use_cache = getattr(model.config, "use_cache", None)
     if use_cache is not None:
@@ -122,24 +100,29 @@ def run(model: nn.Module, blocks: list[tuple[str, nn.ModuleList]], targets: dict
     try:
         for prefix, layers in blocks:
             names = [f"{prefix}.{i}" for i in range(len(layers))]
-            samples = capture_inputs(model, layers[0], batches, device, store) if make_acc else None
-            with progress.bar(f"pruning {prefix}", total=len(layers)) as advance:
-                for name, block in zip(names, layers):
+            hidden, calls = capture(model, layers, batches, device, store) if needs_data else (None, None)
+            if hidden is not None:
+                for x in hidden:
+                    check_finite(x, f"at the input of {names[0]}")
+            with progress.bar(f"{label} {prefix}", total=len(layers)) as advance:
+                for i, (name, block) in enumerate(zip(names, layers)):
                     block_targets = targets.get(name, {})
-                    if make_acc is None or not block_targets:
-                        on_block(block_targets, {k: None for k in block_targets})
-                    else:
-                        owner, handles, seen = _attach_stats(block_targets, make_acc)
+                    stats_needed = hidden is not None and (observers or any(kinds.get(n) for n in block_targets))
+                    owner, observed = {}, {}
+                    if stats_needed:
+                        owner, handles, seen = attach_stats(block_targets, kinds, make_acc)
                         try:
-                            _forward_all(block, samples, device, store, keep_outputs=False)
+                            with ExitStack() as stack:
+                                observed = {k: stack.enter_context(f(block)) for k, f in observers.items()}
+                                forward_block(block, name, hidden, calls[i], device, store, keep=False)
                         finally:
                             for h in handles:
                                 h.remove()
                             seen.clear()
-                        on_block(block_targets, owner)
-                        del owner
-                    if samples is not None and name != names[-1]:
-                        samples = _forward_all(block, samples, device, store, keep_outputs=True)
+                    on_block(block_targets, {n: owner.get(n) for n in block_targets}, observed)
+                    del owner
+                    if hidden is not None and name != names[-1]:
+                        hidden = forward_block(block, name, hidden, calls[i], device, store, keep=True)
                     advance()
     finally:
         if use_cache is not None:

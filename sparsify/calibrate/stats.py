@@ -1,13 +1,13 @@
 """Per-layer statistics accumulators: ``add_batch(x)`` with x (..., in), then read the result.
 
-Registered in `sparsify.registry.ACCUMULATORS`. Everything accumulates in float32; ``merge`` sums
+Registered in `sparsify.tables.ACCUMULATORS`. Everything accumulates in float32; ``merge`` sums
 two accumulators (for a data-parallel all-reduce).
 """
 from __future__ import annotations
 
 import torch
 
-from sparsify.registry import ACCUMULATORS
+from sparsify.tables import ACCUMULATORS
 
 
 def _tokens(x: torch.Tensor, in_features: int) -> torch.Tensor:

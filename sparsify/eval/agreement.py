@@ -5,9 +5,12 @@ What "agreement" means depends on what the model outputs, so each family maps to
 - logit models (causal LM, image classifier): mean KL(baseline || model) per position and the
   fraction of positions whose argmax is the same (top-1 agreement). Padded text positions
   (attention_mask 0) are not counted.
-- encoders: cosine of sentence embeddings, i.e. last hidden states mean-pooled over the real
-  (attention-mask 1) tokens, as sentence-transformers pools them.
-- CLIP: cosine of the image embeddings and of the text embeddings (their mean is ``cosine``).
+- encoders and image encoders: cosine of sentence (image) embeddings, i.e. the base model's last
+  hidden states mean-pooled over the real (attention-mask 1) tokens (all patches for images), as
+  sentence-transformers pools them. A checkpoint with a head (XLM-R's masked-LM head) is compared
+  on its encoder's output: the head is not pruned, and a vocabulary-sized output says less.
+- image-text dual encoders (CLIP, SigLIP): cosine of the image embeddings and of the text embeddings
+  (their mean is ``cosine``).
 All sums run in float32 whatever the models' dtype.
 """
 from __future__ import annotations
@@ -53,6 +56,12 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)  # (b, d)
 
 
+def last_hidden(model, batch: dict) -> torch.Tensor:
+    """(b, T, d) final hidden states of the model's encoder: ``base_model`` drops any head; a model that
+    is no transformers model (ONNX) outputs ``last_hidden_state`` itself."""
+    return getattr(model, "base_model", model)(**batch).last_hidden_state
+
+
 @torch.inference_mode()
 def embedding_cosine(model, baseline, batches: list[dict]) -> dict:
     """Mean cosine between the two models' mean-pooled sentence embeddings.
@@ -63,8 +72,8 @@ def embedding_cosine(model, baseline, batches: list[dict]) -> dict:
     cos = []
     for batch in batches:
         mask = batch.get("attention_mask")
-        a = mean_pool(model(**batch).last_hidden_state.float(), mask)  # (b, d)
-        b = mean_pool(baseline(**batch).last_hidden_state.float(), mask).to(a.device)  # (b, d)
+        a = mean_pool(last_hidden(model, batch).float(), mask)  # (b, d)
+        b = mean_pool(last_hidden(baseline, batch).float(), mask).to(a.device)  # (b, d)
         cos.append(F.cosine_similarity(a, b, dim=-1).cpu())  # (b,)
     cos = torch.cat(cos)
     return {"cosine": cos.mean().item(), "min_cosine": cos.min().item(), "samples": cos.numel()}
@@ -88,4 +97,4 @@ def clip_cosine(model, baseline, batches: list[dict]) -> dict:
 
 
 BY_FAMILY = {"causal-lm": logit_agreement, "image-classifier": logit_agreement, "encoder": embedding_cosine,
-             "clip": clip_cosine}
+             "image-encoder": embedding_cosine, "clip": clip_cosine}

@@ -58,7 +58,7 @@ def _layer_rows(model, token_counts, device, reps) -> list[dict]:
 
 def _forward_rows(loaded, dense_model, prompt_len, device, reps) -> list[dict]:
     """Whole-model forwards: prefill of ``prompt_len`` tokens and, for causal LMs, one decode step."""
-    from sparsify.calibrate.runner import _to  # noqa: PLC2701 (shared nested-move helper)
+    from sparsify.tensors import to_device
 
     model, family = loaded.model, loaded.family
     size = loaded.image_size or 32
@@ -67,7 +67,7 @@ def _forward_rows(loaded, dense_model, prompt_len, device, reps) -> list[dict]:
               "image": {"pixel_values": torch.randn(1, 3, size, size)},
               "image-text": {"input_ids": torch.randint(0, vocab, (1, min(prompt_len, 64))),
                              "pixel_values": torch.randn(1, 3, size, size)}}[family.inputs]
-    inputs = _to(inputs, device)
+    inputs = to_device(inputs, device)
     rows = []
     with torch.inference_mode():
         for label, m in (("sparse", model), ("dense", dense_model)):

@@ -1,8 +1,8 @@
 """`--report DIR`: the evaluation as eval.json plus a PNG of sparsity per layer.
 
-The plot has one bar per targeted layer in model order (measured sparsity), a dashed line at the
-overall sparsity and, for artifacts, a line of packed / dense bytes per layer, with ticks at the
-first layer of each transformer block. matplotlib is imported only here, only when a report is asked for.
+The plot has one bar per targeted layer in model order (measured sparsity, coloured by packed
+format), a dashed line at the overall sparsity and, for artifacts, a line of packed / dense bytes per
+layer, with ticks at the first layer of each transformer block. matplotlib is imported only here, only when a report is asked for.
 """
 from __future__ import annotations
 
@@ -47,7 +47,13 @@ def plot_sparsity(result: dict, path: Path) -> Path:
     names = list(size["layers"])
     fig, ax = plt.subplots(figsize=(min(16, max(8, len(names) * 0.06)), 3.6))
     if names:
-        ax.bar(range(len(names)), [v["sparsity"] for v in size["layers"].values()], width=0.9, label="sparsity")
+        per_tensor = (result.get("bytes") or {}).get("layers", {})  # keyed by tensor ("{module}.weight")
+        formats = [(per_tensor.get(n) or per_tensor.get(f"{n}.weight") or {}).get("format", "") for n in names]
+        colors = {f: f"C{i}" for i, f in enumerate(dict.fromkeys(formats))}
+        for fmt, color in colors.items():  # one bar series per packed format, so the legend names them
+            idx = [i for i, f in enumerate(formats) if f == fmt]
+            ax.bar(idx, [size["layers"][names[i]]["sparsity"] for i in idx], width=0.9, color=color,
+                   label=f"sparsity ({fmt})" if fmt else "sparsity")
         ax.axhline(size["sparsity"], color="k", ls="--", lw=1, label=f"overall {size['sparsity']:.1%}")
         packed = (result.get("bytes") or {}).get("layers", {})
         if len(packed) == len(names):

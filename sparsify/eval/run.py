@@ -47,7 +47,7 @@ def _perplexity(loaded, opts) -> dict:
 
 def _agreement_batches(loaded, opts) -> tuple[list[dict], dict]:
     """Held-out inputs for the agreement task, and what they were (recorded in the result)."""
-    from sparsify.calibrate.batches import build_batches
+    from sparsify.calibrate.batches import build_batches, text_padding
     from sparsify.calibrate.data import eval_windows, load_text
     from sparsify.config import CalibConfig
 
@@ -60,8 +60,10 @@ def _agreement_batches(loaded, opts) -> tuple[list[dict], dict]:
         return batches, {"data": source, "split": split, "windows": len(ids), "seq_len": seq_len}
     calib = CalibConfig(source=opts["data"] or "builtin", samples=n, seq_len=seq_len, seed=IMAGE_SEED,
                         batch_size=opts["batch_size"])
+    padding = text_padding(loaded.model, loaded.tokenizer) if loaded.family.inputs == "image-text" else "longest"
     batches = build_batches(loaded.family.inputs, calib, tokenizer=loaded.tokenizer, image_size=loaded.image_size,
-                            image_mean=loaded.image_mean, image_std=loaded.image_std, max_text_len=seq_len)
+                            image_mean=loaded.image_mean, image_std=loaded.image_std, max_text_len=seq_len,
+                            padding=padding)
     return batches, {"data": calib.source, "seed": IMAGE_SEED, "images": sum(len(b["pixel_values"]) for b in batches)}
 
 

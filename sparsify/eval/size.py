@@ -41,18 +41,33 @@ def overall(layers: dict[str, dict]) -> dict:
     return {"count": len(layers), "numel": numel, "nnz": nnz, "sparsity": 1 - nnz / max(1, numel)}
 
 
+def format_label(entry: dict) -> str:
+    """``nm 2:4 int8``, ``bitmask int4/g128``, ``dense``: the packed format with its key attributes."""
+    a = entry.get("attrs", {})
+    label = entry["format"]
+    if "n" in a and "m" in a:
+        label += f" {a['n']}:{a['m']}"
+    if a.get("block"):
+        label += " " + "x".join(map(str, a["block"]))
+    if a.get("quant"):
+        label += f" {a['quant']}"
+        if a.get("group_size") and a["group_size"] < entry["shape"][-1]:
+            label += f"/g{a['group_size']}"
+    return label
+
+
 def size_summary(manifest: dict) -> dict:
     """Bytes of an artifact from its manifest (schema in sparsify.exporters.artifact).
 
     Returns:
-        {"layers": {tensor: {"sparsity", "packed_bytes", "dense_bytes", "ratio"}} in model order,
+        {"layers": {tensor: {"sparsity", "format", "packed_bytes", "dense_bytes", "ratio"}} in model order,
          "targets", "sparsity", "packed_bytes", "dense_bytes", "ratio" (packed / dense),
          "disk_bytes" (the artifact's weight files), "dense_disk_bytes" (the same files with every
          compressed tensor stored dense instead), "disk_ratio", "skipped" (count)}; the disk fields
          are None when the manifest records no files.
     """
-    layers = {name: {"sparsity": e["sparsity"], "packed_bytes": e["bytes"], "dense_bytes": e["dense_bytes"],
-                     "ratio": e["bytes"] / max(1, e["dense_bytes"])}
+    layers = {name: {"sparsity": e["sparsity"], "format": format_label(e), "packed_bytes": e["bytes"],
+                     "dense_bytes": e["dense_bytes"], "ratio": e["bytes"] / max(1, e["dense_bytes"])}
               for name, e in manifest["tensors"].items()}
     packed = sum(v["packed_bytes"] for v in layers.values())
     dense = sum(v["dense_bytes"] for v in layers.values())

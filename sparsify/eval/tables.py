@@ -11,6 +11,8 @@ from rich import box
 from rich.table import Table
 from rich.text import Text
 
+from sparsify.eval.size import format_label, size_summary
+
 REST_WIDTH = 26
 GENERIC = {"model", "encoder", "decoder", "layers", "layer", "blocks", "block", "h", "transformer"}
 
@@ -56,21 +58,6 @@ def human_bytes(n: int | None) -> str:
     return f"{n} B"
 
 
-def format_label(entry: dict) -> str:
-    """``nm 2:4 int8``, ``bitmask int4/g128``, ``dense``: the packed format with its key attributes."""
-    a = entry.get("attrs", {})
-    label = entry["format"]
-    if "n" in a and "m" in a:
-        label += f" {a['n']}:{a['m']}"
-    if a.get("block"):
-        label += " " + "x".join(map(str, a["block"]))
-    if a.get("quant"):
-        label += f" {a['quant']}"
-        if a.get("group_size") and a["group_size"] < entry["shape"][-1]:
-            label += f"/g{a['group_size']}"
-    return label
-
-
 def _kv_table(title: str) -> Table:
     table = Table(title=title, title_justify="left", show_header=False, box=None, padding=(0, 1))
     table.add_column(style="bold", no_wrap=True)
@@ -114,7 +101,14 @@ def _header(m: dict) -> Table:
     head.add_row("model", kind)
     args = ", ".join(f"{k}={v}" for k, v in (cfg.get("method_args") or {}).items())
     head.add_row("method", f"{cfg.get('method', '?')}" + (f" ({args})" if args else ""))
-    head.add_row("scheme", _scheme(cfg))
+    plan = m.get("plan") or {}
+    head.add_row("scheme (flags)" if plan.get("rules") else "scheme", _scheme(cfg))
+    if plan.get("rules"):
+        head.add_row("plan", f"{plan.get('source') or 'inline'}: {len(plan['rules'])} rule(s) over the flags")
+    if m.get("allocation"):
+        a = m["allocation"]
+        head.add_row("allocation", f"{a['name']} ({', '.join(f'{k}={v}' for k, v in a.get('options', {}).items())}), "
+                                   f"target {a.get('target', 0):.1%} over {len(a.get('groups', {}))} groups")
     head.add_row("quant", _quant(m))
     head.add_row("calibration", _calibration(m))
     for key in ("targets", "ignore"):
@@ -153,8 +147,6 @@ def _tensor_table(m: dict) -> Table:
 
 
 def _footer(m: dict) -> Text:
-    from sparsify.eval.size import size_summary
-
     s = size_summary(m)
     lines = []
     if s["disk_bytes"] is not None:
@@ -162,6 +154,7 @@ def _footer(m: dict) -> Text:
                      f"{s['disk_ratio']:.3f} of the same files stored dense ({human_bytes(s['dense_disk_bytes'])})")
     for name, reason in (m.get("skipped") or {}).items():
         lines.append(f"skipped {ellipsize(name, 48)}: {reason}")
+    lines += [f"warning: {w}" for w in m.get("warnings") or []]
     return Text("\n".join(lines))
 
 

@@ -1,7 +1,8 @@
 """The artifact directory: packed tensors + manifest + the source's config/tokenizer files.
 
 Written into a hidden temporary directory beside the output and renamed into place only when
-complete, so an artifact is either whole or absent. Never written over the input.
+complete (`sparsify.atomic.atomic_dir`), so an artifact is either whole or absent. Never written
+over the input.
 
 Layout:
   model.safetensors (or shards + index)  untouched tensors by name; packed ones as {module}.{key}
@@ -12,9 +13,9 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
+from sparsify.atomic import atomic_dir
 from sparsify.errors import UserError
 from sparsify.exporters.safetensors_io import ShardedWriter
 
@@ -60,36 +61,23 @@ class ArtifactWriter:
         self.manifest: dict = {}
 
     def __enter__(self) -> ArtifactWriter:
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+        self._atomic = atomic_dir(self.out, overwrite=self.overwrite)
+        self.tmp = self._atomic.__enter__()
         self.tensors = ShardedWriter(self.tmp, max_shard_bytes=self.max_shard_bytes)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc_type is not None:
             self.tensors.abort()
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        try:
-            files = self.tensors.close(metadata={"format": "pt", "producer": "sparsify"})
-            self.manifest["files"] = files
-            self.manifest.setdefault("format_version", FORMAT_VERSION)
-            (self.tmp / MANIFEST_NAME).write_text(json.dumps(self.manifest, indent=1))
-            self._commit()
-        except BaseException:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            raise
-        return False
-
-    def _commit(self) -> None:
-        trash = None
-        if self.out.exists():
-            if not self.overwrite:
-                raise UserError(f"output {self.out} appeared while pruning: choose another -o or pass --overwrite")
-            trash = self.out.with_name(f".{self.out.name}.old-{self.tmp.name[-8:]}")
-            self.out.rename(trash)
-        self.tmp.rename(self.out)
-        if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            try:
+                self.manifest["files"] = self.tensors.close(metadata={"format": "pt", "producer": "sparsify"})
+                self.manifest.setdefault("format_version", FORMAT_VERSION)
+                (self.tmp / MANIFEST_NAME).write_text(json.dumps(self.manifest, indent=1))
+            except BaseException as e:
+                self._atomic.__exit__(type(e), e, e.__traceback__)  # removes the temporary directory
+                raise
+        return self._atomic.__exit__(exc_type, exc, tb)  # renames into place, or removes on error
 
 
 def read_manifest(path: str | Path) -> dict:

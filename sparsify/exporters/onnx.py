@@ -4,26 +4,28 @@ Per family, the graph takes / returns (batch and sequence axes dynamic; CLIP's t
   causal-lm         input_ids, attention_mask                  -> logits
   encoder           input_ids, attention_mask[, token_type_ids] -> last_hidden_state
   image-classifier  pixel_values                               -> logits
+  image-encoder     pixel_values                               -> last_hidden_state
   clip              input_ids, attention_mask, pixel_values    -> image_embeds, text_embeds
+(encoders export their base model: a masked-LM head, unpruned, is left out, as in `eval.agreement`)
 The densified float32 model is traced (dynamo exporter, TorchScript exporter as fallback), then
 `onnx_quant` turns quantized weights into integer initializers + DequantizeLinear; float weights stay
 dense initializers with their zeros. The file is written to a hidden temporary directory, checked with
 onnxruntime against the artifact in PyTorch on a real input of other shapes than the trace saw, and
-only then moved beside copies of the artifact's config / tokenizer files (nothing is left on failure).
+only then moved beside copies of the artifact's config / tokenizer files (`sparsify.atomic.atomic_dir`
+in merge mode: a new directory appears whole, files join an existing one; nothing is left on failure).
 Weights go to an external ``FILE.data`` when asked or when the model is above protobuf's 2 GB.
 """
 from __future__ import annotations
 
 import inspect
 import json
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from sparsify.atomic import atomic_dir
 from sparsify.errors import UserError
 from sparsify.exporters.artifact import copy_side_files, read_manifest
 
@@ -51,23 +53,26 @@ class _Wrap(nn.Module):
 def graph_io(loaded) -> tuple[nn.Module, list[str], dict[str, dict[int, str]]]:
     """(wrapper module, output names, {input: {axis: dim name}}) for a loaded model's family."""
     family, model = loaded.family.name, loaded.model
+    if family in ("encoder", "image-encoder"):
+        model = getattr(model, "base_model", model)
     text = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}}
     if family == "encoder" and "token_type_ids" in inspect.signature(model.forward).parameters:
         text["token_type_ids"] = {0: "batch", 1: "seq"}
     images = {"pixel_values": {0: "images"}}
     known = {"causal-lm": ("logits", ["logits"], text), "encoder": ("last_hidden_state", ["last_hidden_state"], text),
              "image-classifier": ("logits", ["logits"], images),
+             "image-encoder": ("last_hidden_state", ["last_hidden_state"], images),
              "clip": ("embeds", ["image_embeds", "text_embeds"], {**text, **images})}
     if family not in known:
         raise UserError(f"ONNX export does not support the {family} family: export causal-lm, encoder, "
-                        "image-classifier or clip models, or use --format hf-dense")
+                        "image-classifier, image-encoder or clip models, or use --format hf-dense")
     output, outputs, axes = known[family]
     return _Wrap(model, output).eval(), outputs, axes
 
 
 def sample_inputs(loaded, names) -> dict[str, torch.Tensor]:
     """A real input: two sentences of different length (right-padded, masked) and/or two built-in images."""
-    from sparsify.calibrate.batches import _normalize
+    from sparsify.calibrate.batches import normalize_images
     from sparsify.calibrate.data import load_image_text, load_images
 
     inputs, captions = {}, SENTENCES
@@ -76,7 +81,7 @@ def sample_inputs(loaded, names) -> dict[str, torch.Tensor]:
             images, captions = load_image_text("builtin", loaded.image_size, 2, seed=0)
         else:
             images, _ = load_images("builtin", loaded.image_size, 2, seed=0)
-        inputs["pixel_values"] = _normalize(images, loaded.image_mean, loaded.image_std).float()  # (2, 3, S, S)
+        inputs["pixel_values"] = normalize_images(images, loaded.image_mean, loaded.image_std).float()  # (2, 3, S, S)
     if "input_ids" in names:
         config = getattr(loaded.config, "text_config", None) or loaded.config
         limit = min(32, getattr(config, "max_position_embeddings", 32))
@@ -173,9 +178,7 @@ def export_onnx(artifact_dir, out_file=None, *, opset: int | None = None, verify
     if external_data is False and (size := estimate_bytes(loaded.model, weights)) > PROTO_LIMIT:
         raise UserError(f"the model's weights take {size / 1e9:.2f} GB, above ONNX's 2 GB limit for one file: "
                         "allow external data (drop --no-external-data)")
-    where = out.parent if out.parent.exists() else out.parent.parent
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=where))
-    try:
+    with atomic_dir(out.parent, merge=True) as tmp:
         onnx_model = _trace(wrapper, _other_shapes(inputs), outputs, axes, opset, tmp)  # an onnx_ir Model
         layers = quantize_graph(onnx_model, weights, opset)
         targets = {m: [layer["initializer"], layer["layout"]] for m, layer in layers.items()}
@@ -190,9 +193,7 @@ def export_onnx(artifact_dir, out_file=None, *, opset: int | None = None, verify
             result.update(compare_with(tmp / out.name, inputs, reference, tol))
         else:
             result["verified"] = False
-        result["side_files"] = _place(tmp, copy_side_files(artifact, tmp), out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        result["side_files"] = _check_side_files(tmp, copy_side_files(artifact, tmp), out.parent)
     return result
 
 
@@ -223,19 +224,12 @@ def _save(model, path: Path, layers: dict, external_data: bool | None) -> dict:
             "size_vs_fp32": whole / max(whole - packed + fp32, 1)}
 
 
-def _place(tmp: Path, side_files: list[str], out: Path) -> list[str]:
-    """Move the finished files from ``tmp`` to ``out``'s directory (a new directory appears whole)."""
-    if not out.parent.exists():
-        tmp.chmod(0o755)
-        tmp.rename(out.parent)
-        return side_files
-    for name in side_files:  # config / tokenizer copies may meet the same files, never different ones
-        twin = out.parent / name
+def _check_side_files(tmp: Path, side_files: list[str], folder: Path) -> list[str]:
+    """Config / tokenizer copies may meet the same files in an existing ``folder``, never different ones."""
+    for name in side_files:
+        twin = folder / name
         if twin.exists() and twin.read_bytes() != (tmp / name).read_bytes():
             raise UserError(f"{twin} exists and differs from the artifact's: write the ONNX file to a new directory")
-    for f in tmp.iterdir():
-        if not (out.parent / f.name).exists():
-            f.replace(out.parent / f.name)
     return side_files
 
 

@@ -1,15 +1,15 @@
-"""Packed weight formats: name -> `Format` in `sparsify.registry.FORMATS` (nm, bitmask, dense).
+"""Packed weight formats: name -> `Format` in `sparsify.tables.FORMATS` (nm, bitmask, dense).
 
 The packer -> file / kernel handoff is a flat ``dict[str, Tensor]`` plus JSON attrs.
 """
 from __future__ import annotations
 
-from sparsify import registry
 from sparsify.config import Scheme
 from sparsify.errors import UserError
 from sparsify.formats import bitmask, dense, nm  # noqa: F401  (registration)
 from sparsify.formats.base import nbytes  # noqa: F401
 from sparsify.formats.nm import nm_mask_ok  # noqa: F401
+from sparsify.tables import FORMATS, lookup
 
 _BY_SCHEME = {
     "nm": lambda s: ("nm", {"n": s.n, "m": s.m}),
@@ -30,9 +30,9 @@ def format_for(scheme) -> tuple[str, dict]:
 
 def pack(name: str, weight, **options) -> tuple[dict, dict]:
     """Pack a dense (out, in) weight with the named format -> (tensors, attrs)."""
-    return registry.get(registry.FORMATS, name, "packed format").pack(weight, **options)
+    return lookup(FORMATS, name, "packed format").pack(weight, **options)
 
 
 def unpack(name: str, tensors: dict, attrs: dict):
     """The dense weight back from the named format's (tensors, attrs), bit-exact."""
-    return registry.get(registry.FORMATS, name, "packed format").unpack(tensors, attrs)
+    return lookup(FORMATS, name, "packed format").unpack(tensors, attrs)

@@ -27,7 +27,7 @@ from sparsify.formats.base import Format
 from sparsify.formats.bits import nonzero_bits, pack_bits, scatter_bits, select_bits, unpack_bits
 from sparsify.formats.qvalues import decode_values, encode_values
 from sparsify.quant.spec import QuantParams
-from sparsify.registry import FORMATS
+from sparsify.tables import FORMATS
 
 
 def pack(weight: torch.Tensor, quant: QuantParams | None = None) -> tuple[dict, dict]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from sparsify.formats.base import Format
-from sparsify.registry import FORMATS
+from sparsify.tables import FORMATS
 
 
 def pack(weight: torch.Tensor, quant=None) -> tuple[dict, dict]:

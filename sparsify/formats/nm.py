@@ -34,7 +34,7 @@ from sparsify.formats.base import Format
 from sparsify.formats.bits import as_ints, nonzero_bits, pack_bits, unpack_bits
 from sparsify.formats.qvalues import decode_values, encode_values
 from sparsify.quant.spec import QuantParams
-from sparsify.registry import FORMATS
+from sparsify.tables import FORMATS
 
 
 def index_bits(m: int) -> int:

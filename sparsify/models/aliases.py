@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,17 +69,11 @@ def write_atomically(dest: Path, write: Callable[[Path], None]) -> None:
     An interrupted or failed write leaves no ``dest`` (and no temp dir); when another process
     renamed its own copy first, that copy is kept and this one dropped.
     """
+    from sparsify.atomic import atomic_dir
+
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
+    with atomic_dir(dest, overwrite=True, keep_if=lambda d: (d / "config.json").exists()) as tmp:
         write(tmp)
-        try:
-            tmp.rename(dest)
-        except OSError:  # dest exists and is not empty: another process finished first
-            if not (dest / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _convert_gguf(pkg: Path, gguf_file: str, dest: Path) -> None:

@@ -1,9 +1,15 @@
-"""Find the repeated transformer blocks and the Linears to prune in them, for any architecture.
+"""Find the repeated transformer blocks and the matrices to prune in them, for any architecture.
 
 No per-family code: a block list is an ``nn.ModuleList`` of one or more modules of one class that
-contain an ``nn.Linear``, not nested inside another such list (Llama ``model.layers``, BERT
+contain a prunable matrix (`sparsify.models.targets`: ``nn.Linear`` or transformers' ``Conv1D``),
+not nested inside another such list (Llama ``model.layers``, GPT-2 ``transformer.h``, BERT
 ``encoder.layer``, ViT ``vit.layers``, CLIP ``vision_model.encoder.layers`` and
-``text_model.encoder.layers``).
+``text_model.encoder.layers``). Fused projections (``qkv_proj``, ``query_key_value``, ``c_attn``,
+``gate_up_proj``) are ordinary targets. Mixture-of-experts layers in transformers 5 (Mixtral, Qwen-MoE)
+hold their experts as fused 3-D parameters and route with a plain parameter, not as Linears: those
+are no targets, and such a model prunes its attention projections (and any dense MLP) only.
+A Linear owned by ``nn.MultiheadAttention`` is never a target either: that module reads
+``out_proj.weight`` directly instead of calling it, so a packed replacement would be bypassed.
 
 Order: the lists come back in **forward order**, the order in which their first blocks run. With
 one list that is trivial. With several (CLIP) a tiny probe forward (batch 1, a few zero tokens
@@ -23,10 +29,11 @@ import torch
 from torch import nn
 
 from sparsify.errors import UserError
+from sparsify.models.targets import is_target
 
 
-def _has_linear(module: nn.Module) -> bool:
-    return any(isinstance(m, nn.Linear) for m in module.modules())
+def _has_target(module: nn.Module) -> bool:
+    return any(is_target(m) for m in module.modules())
 
 
 def _declared_blocks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
@@ -35,7 +42,7 @@ def _declared_blocks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
     for name, mod in model.named_modules():
         if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
             continue
-        if len({type(m) for m in mod}) != 1 or not _has_linear(mod[0]):
+        if len({type(m) for m in mod}) != 1 or not _has_target(mod[0]):
             continue
         if any(name.startswith(prefix + ".") for prefix, _ in found):
             continue  # nested inside a block list already found (named_modules visits parents first)
@@ -75,9 +82,26 @@ def _forward_order(model: nn.Module, lists: list[tuple[str, nn.ModuleList]]) -> 
     return sorted(lists, key=lambda item: first.get(item[0], len(seen)))
 
 
+def _no_blocks(model: nn.Module) -> UserError:
+    """The one-line error for a model without block lists, naming what it lacks."""
+    name = type(model).__name__
+    empty = next((n for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 1
+                  and len({type(b) for b in m}) == 1 and any(True for _ in m[0].parameters())), None)
+    if empty is not None:
+        return UserError(f"{name}: its repeated blocks {empty} hold no nn.Linear or Conv1D layer (their weights are "
+                         "other parameters): sparsify finds nothing to prune in this architecture")
+    return UserError(f"{name} has no repeated transformer blocks (an nn.ModuleList of same-class modules with "
+                     "nn.Linear or Conv1D layers): sparsify cannot prune this architecture")
+
+
 def find_blocks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
-    """[(prefix, ModuleList)] of the repeated blocks, outermost lists only, in forward order."""
+    """[(prefix, ModuleList)] of the repeated blocks, outermost lists only, in forward order.
+
+    A model with none is a one-line UserError saying whether the blocks or their Linears are missing.
+    """
     lists = _declared_blocks(model)
+    if not lists:
+        raise _no_blocks(model)
     return _forward_order(model, lists) if len(lists) > 1 else lists
 
 
@@ -95,7 +119,8 @@ def block_index(name: str, prefixes: Iterable[str]) -> tuple[str, int] | None:
     return None
 
 
-def _matches(name: str, pattern: str) -> bool:
+def matches(name: str, pattern: str) -> bool:
+    """fnmatch glob, or ``re:REGEX`` searched anywhere in the name."""
     if pattern.startswith("re:"):
         return re.search(pattern[3:], name) is not None
     return fnmatch.fnmatchcase(name, pattern)
@@ -108,7 +133,7 @@ def _check_patterns(names: list[str], patterns: list[str]) -> None:
                 re.compile(pattern[3:])
             except re.error as e:
                 raise UserError(f"pattern {pattern!r} is not a valid regular expression ({e}): fix it") from None
-        if not any(_matches(n, pattern) for n in names):
+        if not any(matches(n, pattern) for n in names):
             sample = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
             raise UserError(f"pattern {pattern!r} matches no layer: fix it; names look like: {sample}")
 
@@ -121,21 +146,29 @@ def select(names: list[str], targets: list[str] | None, ignore: list[str] | None
     UserError: it is almost always a typo. Order of ``names`` is kept.
     """
     _check_patterns(names, (targets or []) + (ignore or []))
-    chosen = [n for n in names if targets is None or any(_matches(n, p) for p in targets)]
-    return [n for n in chosen if not any(_matches(n, p) for p in (ignore or []))]
+    chosen = [n for n in names if targets is None or any(matches(n, p) for p in targets)]
+    return [n for n in chosen if not any(matches(n, p) for p in (ignore or []))]
+
+
+def _target_names(model: nn.Module) -> list[str]:
+    """Every prunable module's name, except the Linears that ``nn.MultiheadAttention`` reads by weight."""
+    owned = {f"{n}.{c}" if n else c for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)
+             for c, _ in m.named_children()}
+    return [n for n, m in model.named_modules() if is_target(m) and n not in owned]
 
 
 def find_targets(model: nn.Module, targets: list[str] | None = None,
                  ignore: list[str] | None = None) -> dict[str, list[str]]:
-    """Block name (``prefix.i``) -> names of the Linears to prune in it, blocks in forward order.
+    """Block name (``prefix.i``) -> names of the matrices to prune in it, blocks in forward order.
 
-    Default: every ``nn.Linear`` inside the blocks; ``targets`` / ``ignore`` patterns select among
-    those. Linears outside the blocks (output head, CLIP projections, a ViT classifier, BERT's
-    pooler) are never pruned in this version: the block-by-block runner has no stage for them.
+    Default: every ``nn.Linear`` / ``Conv1D`` inside the blocks (not those of ``nn.MultiheadAttention``);
+    ``targets`` / ``ignore`` patterns select among those. Matrices outside the blocks (output head,
+    CLIP projections, a ViT classifier, BERT's pooler) are never pruned in this version: the
+    block-by-block runner has no stage for them.
     """
     blocks = find_blocks(model)
     prefixes = [p for p, _ in blocks]
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    linears = _target_names(model)
     where = {n: block_index(n, prefixes) for n in linears}
     inside = [n for n in linears if where[n] is not None]
     candidates = inside

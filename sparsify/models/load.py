@@ -139,7 +139,7 @@ def _checkpoint_dtype(config) -> torch.dtype:
 
 def load_model(source: ModelSource, dtype: str | None = None, device: str = "cpu",
                trust_remote_code: bool = False) -> LoadedModel:
-    """Load a resolved model with its family's auto class, in eval mode, quietly.
+    """Load a resolved model with its own architecture class (else its family's auto class), in eval mode, quietly.
 
     Args:
         dtype: "float32" | "float16" | "bfloat16"; None keeps the checkpoint's own (config dtype, else float32).

@@ -1,2 +1,2 @@
-"""Pruning methods, registered by name in `sparsify.registry.PRUNERS` on import."""
+"""Pruning methods, registered by name in `sparsify.tables.PRUNERS` on import."""
 from sparsify.pruners import magnitude, sparsegpt, wanda  # noqa: F401

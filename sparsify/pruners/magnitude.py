@@ -7,7 +7,7 @@ import torch
 
 from sparsify.pruners.base import Pruner
 from sparsify.pruners.masks import apply_mask, mask_for
-from sparsify.registry import PRUNERS
+from sparsify.tables import PRUNERS
 
 
 @dataclass

@@ -27,7 +27,7 @@ import torch
 
 from sparsify.pruners.base import Pruner
 from sparsify.pruners.masks import block_mask, drop_lowest, nm_mask
-from sparsify.registry import PRUNERS
+from sparsify.tables import PRUNERS
 
 
 @dataclass

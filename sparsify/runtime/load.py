@@ -1,7 +1,9 @@
 """Load an artifact back into a runnable model, or open any model argument for evaluation.
 
 The model is rebuilt from the copied config with parameters on the meta device, each compressed
-Linear is swapped for a `SparseLinear` holding its packed tensors, and every other tensor is
+Linear or transformers ``Conv1D`` is swapped for a `SparseLinear` holding its packed tensors (always
+of the (out, in) weight, so one ``x W^T + b`` serves both; a Conv1D's bias is (out,) like a Linear's),
+and every other tensor is
 loaded with ``assign=True`` (no second allocation). Only allow-listed format names and only
 safetensors are read.
 """
@@ -29,8 +31,10 @@ def _build_skeleton(path: Path, manifest: dict):
     family = family_of(config)
     dtype = getattr(torch, manifest.get("dtype", "float32"))
     with params_on_meta():
-        cls = getattr(transformers, family.auto_class)
-        model = cls.from_config(config, dtype=dtype) if hasattr(cls, "from_config") else cls(config).to(dtype)
+        cls = getattr(transformers, family.auto_class)  # an auto class, or the checkpoint's own class
+        # from_config / _from_config build in ``dtype`` but keep float32 buffers (rotary inv_freq); .to(dtype) would not
+        build = getattr(cls, "from_config", None) or getattr(cls, "_from_config", None)
+        model = build(config, dtype=dtype) if build else cls(config).to(dtype)
     return model, family, config, dtype
 
 
@@ -43,7 +47,7 @@ def load_artifact(path: str | Path, device: str = "cpu"):
     if not (path / "config.json").exists():
         raise UserError(f"{path} holds pruned bare weights (no config.json), which cannot run: "
                         "use 'sparsify info' for its sizes, or prune the model directory instead")
-    registry._load_all()
+    registry.load_all()
     model, family, config, dtype = _build_skeleton(path, manifest)
     tensors = read_tensors(path)
     for name, entry in manifest["tensors"].items():

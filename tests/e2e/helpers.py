@@ -41,3 +41,31 @@ def dense_weights(artifact: Path) -> dict[str, torch.Tensor]:
 
 def listing(path: Path) -> list[str]:
     return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
+
+
+def _source_weights(path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(path / "model.safetensors")
+
+
+def check_plan_applied(artifact, source, skipped_prefixes: tuple[str, ...], mlp_sparsity: float) -> None:
+    """Attention 2:4, MLP ``mlp_sparsity`` per row, skipped blocks bit-identical to the source: from the weights."""
+    import sparsify
+
+    dense, src = dense_weights(artifact), _source_weights(source)
+    loaded = sparsify.load(artifact)[0].model.state_dict()
+    for name, w in dense.items():
+        assert not name.startswith(skipped_prefixes), name
+        zeros = (w == 0).sum(1)  # (out,) per row; ">=" since a source weight may itself be 0 (e.g. from a 4-bit grid)
+        if ".mlp." in name:
+            assert torch.all(zeros >= int(w.shape[1] * mlp_sparsity)), name
+            assert zeros.float().mean() < int(w.shape[1] * mlp_sparsity) + 0.05 * w.shape[1], name  # not 2:4 (50%)
+        else:
+            assert nm_ok(w, 2, 4) and torch.all(zeros >= w.shape[1] // 2), name
+    expected = {k.removesuffix(".weight") for k in src if k.endswith("proj.weight") and not k.startswith(skipped_prefixes)}
+    assert set(dense) == expected  # every layer of the other blocks compressed, no more
+    skipped = [k for k in src if k.startswith(skipped_prefixes) and k.endswith("proj.weight")]
+    assert skipped
+    for k in skipped:
+        assert torch.equal(loaded[k], src[k]), k

@@ -24,3 +24,17 @@ def test_quality_distill_suite_on_tiny_llama(tmp_path):
     assert rows[2]["distill"]["steps"] == 2 and rows[2]["distill"]["wall_s"] > 0
     assert rows[1]["mask_vs_distill_0_differing"] == 0 == rows[2]["mask_vs_distill_0_differing"]
     assert rows[2]["mask_positions"] > 0 and "mask positions differing" in proc.stdout
+
+
+def test_allocation_bench_on_tiny_llama(tmp_path):
+    model, out = make_tiny("llama", tmp_path / "llama"), tmp_path / "a.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "allocation.py"), "--model", str(model),
+                           "--sparsities", "0.7", "--samples", "4", "--seq-len", "32", "--windows", "2",
+                           "--out", str(out)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["sparsity_target"], r["allocation"]) for r in rows] == [(0.7, "uniform"), (0.7, "owl")]
+    assert rows[0]["ratio_vs_uniform"] == 1.0 and rows[1]["perplexity"] > 0
+    owl = rows[1]["block_sparsity"]
+    assert set(owl) == {"model.layers.0", "model.layers.1"} and max(owl.values()) - min(owl.values()) > 0.1

@@ -28,8 +28,27 @@ def _unsupported(llama, tmp_path):
     d = tmp_path / "gpt_thing"
     shutil.copytree(llama, d)
     cfg = json.loads((d / "config.json").read_text())
-    (d / "config.json").write_text(json.dumps({**cfg, "model_type": "mamba", "architectures": ["MambaForCausalLM"]}))
+    (d / "config.json").write_text(json.dumps({**cfg, "model_type": "wav2vec2", "architectures": ["Wav2Vec2ForCTC"]}))
     return d
+
+
+def _nan_weight(llama, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path / "nan_model"
+    shutil.copytree(llama, d)
+    state = load_file(d / "model.safetensors")
+    state["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
+    save_file(state, d / "model.safetensors", metadata={"format": "pt"})
+    return d
+
+
+def _plan_file(tmp_path, rules: str):
+    p = tmp_path / "plan.yaml"
+    p.write_text(rules)
+    return p
 
 
 def _text_file(tmp_path, text):
@@ -49,12 +68,17 @@ CASES = {
     "calibrated method on bare file": (_bare, ["--method", "wanda"], ["--method magnitude"]),
     "empty calibration text": (lambda l, t: l, ["--calib", "EMPTY"], ["empty"]),
     "too-short calibration text": (lambda l, t: l, ["--calib", "SHORT"], ["--seq-len"]),
-    "unsupported architecture": (_unsupported, [], ["mamba", "supports"]),
+    "unsupported architecture": (_unsupported, [], ["Wav2Vec2ForCTC", "ctc", "sparsify handles"]),
     "pickle checkpoint": (lambda l, t: (t / "m.bin").write_bytes(b"x") and t / "m.bin", [], ["safetensors"]),
     "unknown method": (lambda l, t: l, ["--method", "obs"], ["magnitude", "wanda", "sparsegpt"]),
     "unknown method option": (lambda l, t: l, ["--method", "sparsegpt", "--method-arg", "dampp=0.1"], ["damp"]),
     "unknown distill mode": (lambda l, t: l, ["--distill-steps", "2", "--distill-mode", "layerwise"], ["block-wise"]),
     "non-positive distill lr": (lambda l, t: l, ["--distill-steps", "2", "--distill-lr", "0"], ["--distill-lr"]),
+    "nan in a weight": (lambda l, t: _nan_weight(l, t), [], ["model.layers.1.mlp.up_proj.weight", "NaN"]),
+    "plan file missing": (lambda l, t: l, ["--plan", "nope.yaml"], ["--plan", "no such file"]),
+    "plan rule typo": (lambda l, t: l, ["--plan", "TYPO"], ["matches no target"]),
+    "unknown allocation": (lambda l, t: l, ["--allocation", "owls"], ["owl", "uniform"]),
+    "unknown allocation option": (lambda l, t: l, ["--allocation", "owl", "--allocation-arg", "lambda=1"], ["lam"]),
 }
 
 
@@ -63,7 +87,8 @@ def test_user_error(llama, tmp_path, case):
     make, extra, words = CASES[case]
     model = make(llama, tmp_path)
     extra = [str(_text_file(tmp_path, "")) if a == "EMPTY" else
-             str(_text_file(tmp_path, "only a few words here")) if a == "SHORT" else a for a in extra]
+             str(_text_file(tmp_path, "only a few words here")) if a == "SHORT" else
+             str(_plan_file(tmp_path, 'rules: [{match: "*mlpp*", sparsity: 0.6}]')) if a == "TYPO" else a for a in extra]
     before = listing(tmp_path)
     out = tmp_path / "out"
     result = cli("prune", model, "-o", out, "--samples", "2", "--seq-len", "64", *extra, code=2)

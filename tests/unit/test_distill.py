@@ -10,13 +10,15 @@ from tiny_models import make_tiny
 
 from sparsify import distill, progress
 from sparsify.config import CalibConfig, PruneConfig
-from sparsify.distill_loss import FakeQuant, chunked_kl, finalize, masked_step, normalized_mse
+from sparsify.distill.loss import chunked_kl, normalized_mse
+from sparsify.distill.train import FakeQuant, finalize, masked_step
 from sparsify.errors import UserError
 from sparsify.models.load import load_model, resolve
-from sparsify.pipeline import calibration_batches, prune_model
+from sparsify.calibrate.batches import calibration_batches
+from sparsify.planning import build_plan
+from sparsify.pruning import prune_model
 from sparsify.quant import rtn
 from sparsify.quant.spec import QuantParams, QuantSpec
-from sparsify.registry import PRUNERS, get
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -38,15 +40,20 @@ def tiny(tmp_path_factory):
     return resolve(str(make_tiny("llama", root / "llama"))), str(text)
 
 
+def _prune(loaded, cfg) -> tuple[dict, dict]:
+    """Prune ``loaded`` in place as the pipeline does; (pruned modules by name, quant params by name)."""
+    planned = build_plan(loaded.model, cfg)
+    result = prune_model(loaded.model, planned, lambda: calibration_batches(loaded, cfg.calib))
+    return {n: m for mods in planned.active.values() for n, m in mods.items()}, result.qparams
+
+
 def _pruned(tiny, quant="none", steps=5, group_size=None):
     src, text = tiny
     progress.set_enabled(False)
     cfg = PruneConfig(method="magnitude", scheme="2:4", quant=quant, group_size=group_size, distill_steps=steps,
                       calib=CalibConfig(source=text, samples=8, seq_len=32, batch_size=4))
     loaded = load_model(src)
-    pruner = get(PRUNERS, "magnitude", "method")
-    flat, qparams, _, _ = prune_model(loaded, cfg, pruner, pruner.config_cls(), QuantSpec.parse(quant, group_size))
-    return src, cfg, loaded, flat, qparams
+    return (src, cfg, loaded, *_prune(loaded, cfg))
 
 
 def _teacher_kl(loaded, src, cfg) -> float:
@@ -194,8 +201,7 @@ def test_other_families_run_with_a_frozen_mask(tmp_path, family, mode):
     cfg = PruneConfig(method="magnitude", scheme="2:4", distill_steps=5,  # every step sees the same 4 samples
                       calib=CalibConfig(source="builtin", samples=4, seq_len=16, batch_size=4))
     loaded = load_model(src)
-    pruner = get(PRUNERS, "magnitude", "method")
-    flat, qparams, _, _ = prune_model(loaded, cfg, pruner, pruner.config_cls())
+    flat, qparams = _prune(loaded, cfg)
     before = {n: lin.weight.detach().clone() for n, lin in flat.items()}
     info = distill.distill_model(loaded, flat, qparams, cfg, src, lr=5e-4, mode=mode)
     assert info["mode"] == mode and info["loss_last"] < info["loss_first"]

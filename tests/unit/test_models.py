@@ -91,8 +91,8 @@ def test_load_model_dtype_preprocessing_and_quiet(tiny, loaded, tmp_path, capsys
     with pytest.raises(UserError, match="float32"):
         load_model(resolve(str(tiny["bert"])), dtype="int8")
     cfg = json.loads((d / "config.json").read_text())
-    (d / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
-    with pytest.raises(UserError, match="unsupported architecture 'gpt2': sparsify supports .*llama"):
+    (d / "config.json").write_text(json.dumps({**cfg, "model_type": "wav2vec2", "architectures": ["Wav2Vec2ForCTC"]}))
+    with pytest.raises(UserError, match="Wav2Vec2ForCTC is listed only in transformers' ctc tables"):
         load_model(resolve(str(d)))
 
 
@@ -126,6 +126,158 @@ def test_blocks_and_targets(loaded, family):
     assert all(len(v) == per_block for v in targets.values())
     for v in targets.values():
         assert all(block_index(n, prefixes)[0] in prefixes for n in v)
+
+
+FAMILY_CASES = [  # (model_type, config.architectures[0] or None, family, class that builds it)
+    ("qwen3", "Qwen3ForCausalLM", "causal-lm", "Qwen3ForCausalLM"),
+    ("mistral", "MistralForCausalLM", "causal-lm", "MistralForCausalLM"),
+    ("gpt2", "GPT2LMHeadModel", "causal-lm", "GPT2LMHeadModel"),
+    ("mixtral", "MixtralForCausalLM", "causal-lm", "MixtralForCausalLM"),
+    ("llama", None, "causal-lm", "AutoModelForCausalLM"),  # a bare config: by model type
+    ("llama", "MyLlamaForCausalLM", "causal-lm", "AutoModelForCausalLM"),  # custom code: by model type
+    ("llama", "LlamaModel", "encoder", "LlamaModel"),  # a base model of a text architecture
+    ("bert", "BertModel", "encoder", "BertModel"),
+    ("bert", None, "encoder", "AutoModel"),  # bert has a causal-LM class too: the masked-LM table wins
+    ("bert", "BertForSequenceClassification", "encoder", "BertForSequenceClassification"),
+    ("xlm-roberta", "XLMRobertaForMaskedLM", "encoder", "XLMRobertaForMaskedLM"),
+    ("t5", "T5EncoderModel", "encoder", "T5EncoderModel"),  # encoder-only though is_encoder_decoder=True
+    ("vit", "ViTForImageClassification", "image-classifier", "ViTForImageClassification"),
+    ("deit", "DeiTForImageClassificationWithTeacher", "image-classifier", "DeiTForImageClassificationWithTeacher"),
+    ("dinov2", "Dinov2Model", "image-encoder", "Dinov2Model"),
+    ("vit", "ViTModel", "image-encoder", "ViTModel"),
+    ("clip_vision_model", "CLIPVisionModel", "image-encoder", "CLIPVisionModel"),
+    ("clip", "CLIPModel", "clip", "CLIPModel"),
+    ("siglip", "SiglipModel", "clip", "SiglipModel"),
+    ("siglip", None, "clip", "AutoModel"),
+]
+
+
+def _config(model_type: str, arch: str | None):
+    from transformers import CONFIG_MAPPING
+
+    config = CONFIG_MAPPING[model_type]()
+    config.architectures = [arch] if arch else None
+    return config
+
+
+@pytest.mark.parametrize("model_type,arch,name,cls", FAMILY_CASES)
+def test_family_from_auto_tables(model_type, arch, name, cls):
+    """Configs only (no weights): the family comes from transformers' auto tables, no whitelist."""
+    from sparsify.models.family import family_of
+
+    family = family_of(_config(model_type, arch))
+    assert (family.name, family.auto_class) == (name, cls)
+    assert family.inputs == {"causal-lm": "text", "encoder": "text", "clip": "image-text"}.get(name, "image")
+
+
+@pytest.mark.parametrize("model_type,arch,words", [
+    ("t5", "T5ForConditionalGeneration", "T5ForConditionalGeneration is an encoder-decoder"),
+    ("t5", None, "t5 is an encoder-decoder"),
+    ("llava", "LlavaForConditionalGeneration", "listed only in transformers' image-text-to-text"),
+    ("wav2vec2", "Wav2Vec2ForCTC", "listed only in transformers' ctc tables"),
+])
+def test_family_errors_are_one_line(model_type, arch, words):
+    from sparsify.models.family import family_of
+
+    with pytest.raises(UserError, match=words) as e:
+        family_of(_config(model_type, arch))
+    assert "\n" not in str(e.value) and "sparsify handles causal LMs" in str(e.value)
+    from transformers import PretrainedConfig
+
+    unknown = PretrainedConfig()
+    unknown.model_type = "not-a-model"
+    with pytest.raises(UserError, match="'not-a-model' is in none of transformers' model tables: upgrade"):
+        family_of(unknown)
+
+
+# tiny architecture -> (block lists, targets per block): fused projections are one target each
+ARCH_BLOCKS = {
+    "gpt2": (["transformer.h"], 4), "opt": (["model.decoder.layers"], 6), "gpt_neox": (["gpt_neox.layers"], 4),
+    "phi3": (["model.layers"], 4), "falcon": (["transformer.h"], 4), "mixtral": (["model.layers"], 4),
+    "gemma2": (["model.layers"], 7), "starcoder2": (["model.layers"], 6), "olmo2": (["model.layers"], 7),
+    "xlm-roberta": (["roberta.encoder.layer"], 6), "dinov2": (["encoder.layer"], 6),
+    "siglip": (["vision_model.encoder.layers", "text_model.encoder.layers"], 6),
+}
+
+
+@pytest.mark.parametrize("arch", list(ARCH_BLOCKS))
+def test_blocks_and_targets_of_more_architectures(arch):
+    import transformers
+    from tiny_models import CLASSES, _config as tiny_config
+
+    from sparsify.models.targets import is_target
+
+    torch.manual_seed(0)
+    model = getattr(transformers, CLASSES[arch])(tiny_config(arch)).eval()
+    prefixes, per_block = ARCH_BLOCKS[arch]
+    assert [(p, len(m)) for p, m in find_blocks(model)] == [(p, 2) for p in prefixes]
+    targets = find_targets(model)
+    assert list(targets) == [f"{p}.{i}" for p in prefixes for i in range(2)]
+    assert all(len(v) == per_block for v in targets.values())
+    inside = {n for n, m in model.named_modules() if is_target(m) and block_index(n, prefixes)}
+    assert {n for v in targets.values() for n in v} == inside
+    if arch == "mixtral":  # experts and router are plain parameters, not Linears: attention only
+        assert all(".self_attn." in n for v in targets.values() for n in v)
+
+
+def test_conv1d_targets_weight_views():
+    """GPT-2's Conv1D stores (in, out); targets.py shows every pruner the (out, in) view of the same storage."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.pytorch_utils import Conv1D
+
+    from sparsify.models.targets import in_features, is_target, layout_of, set_weight, to_stored, weight_of
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, n_inner=128, vocab_size=64, n_positions=32))
+    targets = find_targets(model)
+    assert targets["transformer.h.0"] == ["transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj",
+                                          "transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj"]
+    c_attn = model.get_submodule("transformer.h.0.attn.c_attn")
+    assert isinstance(c_attn, Conv1D) and is_target(c_attn) and layout_of(c_attn) == "conv1d"
+    assert c_attn.weight.shape == (64, 192) and weight_of(c_attn).shape == (192, 64) and in_features(c_attn) == 64
+    assert weight_of(c_attn).data_ptr() == c_attn.weight.data_ptr()  # a view: set_weight writes in place
+    x = torch.randn(3, 64)  # (tokens, in)
+    torch.testing.assert_close(c_attn(x), x @ weight_of(c_attn).T + c_attn.bias)  # y = x W^T + b with W (out, in)
+    new = torch.randn(192, 64)  # (out, in)
+    set_weight(c_attn, new)
+    assert torch.equal(c_attn.weight, new.T) and torch.equal(to_stored(new, "conv1d"), new.T)
+    lin = nn.Linear(8, 4)
+    assert layout_of(lin) == "linear" and weight_of(lin).data_ptr() == lin.weight.data_ptr()
+    assert weight_of(lin).shape == (4, 8) and to_stored(lin.weight, "linear") is lin.weight
+    assert layout_of(nn.LayerNorm(4)) is None and not is_target(nn.Embedding(4, 4))
+    with pytest.raises(ValueError, match="unknown weight layout"):
+        to_stored(new, "columns")
+
+
+class _MhaBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn, self.fc = nn.MultiheadAttention(8, 2, batch_first=True), nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.fc(self.attn(x, x, x)[0])
+
+
+class _Experts(nn.Module):
+    """A block whose only weights are 3-D parameters (transformers 5 MoE experts)."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate_up = nn.Parameter(torch.zeros(4, 16, 8))
+
+
+def test_multihead_attention_and_models_without_blocks():
+    toy = nn.Module()
+    toy.layers = nn.ModuleList([_MhaBlock() for _ in range(2)])
+    # nn.MultiheadAttention reads out_proj.weight itself instead of calling it: never a target
+    assert find_targets(toy) == {f"layers.{i}": [f"layers.{i}.fc"] for i in range(2)}
+    with pytest.raises(UserError, match="^Sequential has no repeated transformer blocks .*cannot prune") as e:
+        find_blocks(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8)))
+    assert "\n" not in str(e.value)
+    moe = nn.Module()
+    moe.experts = nn.ModuleList([_Experts() for _ in range(2)])
+    with pytest.raises(UserError, match="its repeated blocks experts hold no nn.Linear or Conv1D layer"):
+        find_targets(moe)
 
 
 def test_targets_stay_inside_blocks(loaded):

@@ -1,0 +1,104 @@
+"""Prune (and quantize) a loaded model in place, layer by layer, each layer by its own plan.
+
+Each layer's method names the statistic it needs (`Pruner.stats`); the runner accumulates exactly
+those, shared between layers that read the same input and need the same statistic. After a layer
+is pruned, SparseGPT's damping and any identity fallback are recorded (and become warnings).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from sparsify import registry
+from sparsify.calibrate import runner
+from sparsify.models.targets import set_weight, weight_of
+from sparsify.plan import LayerPlan
+from sparsify.planning import Planned, method_config
+
+
+@dataclass
+class LayerStep:
+    """One layer's pruner, method config and quantization; ``__call__(weight, stats)`` -> (new, qparams)."""
+
+    plan: LayerPlan
+    joint_quant: bool = True
+
+    def __post_init__(self):
+        from sparsify.quant.spec import QuantSpec
+
+        self.pruner = registry.get(registry.PRUNERS, self.plan.method, "method")
+        self.method_cfg = method_config(self.pruner, self.plan.method_args)
+        self.spec = QuantSpec.parse(self.plan.quant, self.plan.group_size)
+
+    def _prune(self, weight, stats, **kw):
+        p = self.plan
+        return self.pruner.prune(weight, stats, p.parsed_scheme, p.sparsity, p.per, self.method_cfg, **kw)
+
+    def __call__(self, weight: torch.Tensor, stats):
+        from sparsify.quant import rtn
+
+        if self.spec is not None and self.pruner.joint_quant and self.joint_quant:
+            # Scales come from a first, unquantized pass: the OBS updates grow weights past the dense
+            # weight's range, and scales fitted to the dense weight would clip them (measured worse).
+            quantize = rtn.column_quantizer(self._prune(weight, stats), self.spec)
+            new = self._prune(weight, stats, quantize=quantize)
+            return rtn.snap(new, quantize.params), quantize.params  # exactly on the grid in weight's dtype
+        new = self._prune(weight, stats)
+        return (new, None) if self.spec is None else rtn.fake_quantize(new, self.spec)
+
+
+@dataclass
+class PruneResult:
+    qparams: dict = field(default_factory=dict)  # module -> QuantParams (quantized layers)
+    solver: dict = field(default_factory=dict)  # module -> {"damp": .., "fallback": ..} (Hessian methods)
+    warnings: list[str] = field(default_factory=list)
+    calibration: dict | None = None
+
+
+def solver_note(name: str, stats, requested: float | None) -> tuple[dict | None, str | None]:
+    """What a Hessian-based solve used for ``name``, and a warning when it was not the requested damping."""
+    if not hasattr(stats, "fallback"):
+        return None, None
+    info = {"damp": stats.damp_used, "fallback": bool(stats.fallback)}
+    if stats.fallback:
+        return info, f"{name}: the Hessian stayed singular at every damping; pruned by magnitude order with no update"
+    if requested is not None and stats.damp_used is not None and stats.damp_used > requested:
+        return info, f"{name}: Cholesky needed damping {stats.damp_used:g} (asked {requested:g})"
+    return info, None
+
+
+def prune_model(model, planned: Planned, batches: Callable[[], list[dict]], device: str = "cpu", joint_quant: bool = True,
+                observers: dict | None = None, on_observed=None) -> PruneResult:
+    """Prune every active layer of ``planned`` in place; returns quant params, solver notes, warnings.
+
+    Args:
+        batches: returns the calibration batches; called only when some layer's method needs data.
+        on_observed: ``(block_targets, observed)`` for runs that asked for ``observers``.
+    """
+    from sparsify.models.layout import find_blocks
+
+    steps = {n: LayerStep(planned.plans[n], joint_quant) for mods in planned.active.values() for n in mods}
+    kinds = {n: s.pruner.stats for n, s in steps.items()}
+    result = PruneResult()
+
+    def on_block(block_targets, stats, observed):
+        for name, module in block_targets.items():
+            new, q = steps[name](weight_of(module), stats[name])
+            set_weight(module, new)
+            if q is not None:
+                result.qparams[name] = q
+            info, warning = solver_note(name, stats[name], getattr(steps[name].method_cfg, "damp", None))
+            if info is not None:
+                result.solver[name] = info
+            if warning:
+                result.warnings.append(warning)
+        if on_observed is not None and observed:
+            on_observed(block_targets, observed)
+
+    needs = any(k is not None for k in kinds.values()) or bool(observers)
+    make_acc = lambda kind, n: registry.ACCUMULATORS[kind](n, device=device)  # noqa: E731
+    runner.run(model, find_blocks(model), planned.active, batches() if needs else [], kinds, make_acc, on_block,
+               device=device, observers=observers)
+    return result

@@ -1,0 +1,51 @@
+"""Memory measurements shared by the pruning pipeline, bare-file pruning and distillation.
+
+- `peak_rss_mb`: the process's peak resident memory so far, from the kernel (cheap, monotone).
+- `PeakRss`: the peak over one stretch of work, sampled in a thread (the kernel's number cannot be
+  reset, so it cannot say what one step took after an earlier, larger one).
+- `available_bytes`: memory free for new tensors on a device (psutil on CPU, ``cuda.mem_get_info``).
+Its own module so that these callers need not import each other.
+"""
+from __future__ import annotations
+
+import resource
+import threading
+
+import psutil
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, MiB (Linux reports ``ru_maxrss`` in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def available_bytes(device: str) -> int:
+    """Bytes free for new tensors on ``device`` ("cpu", "cuda", "cuda:N")."""
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    return psutil.virtual_memory().available
+
+
+class PeakRss:
+    """Samples this process's resident memory every 20 ms in a thread; ``peak_mb`` is the highest seen."""
+
+    def __enter__(self):
+        self.proc, self.peak, self.stop = psutil.Process(), 0, threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        return self
+
+    def _run(self):
+        while not self.stop.wait(0.02):
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+        self.peak = max(self.peak, self.proc.memory_info().rss)
+
+    @property
+    def peak_mb(self) -> float:
+        return round(self.peak / 2**20, 1)

@@ -51,7 +51,7 @@ def allocate(loaded, planned: Planned, config: PruneConfig, batches) -> tuple[Pl
     if config.allocation == "uniform":
         return planned, None
     ctx = AllocationContext(loaded.model, planned.plans, planned.active, find_blocks(loaded.model), batches,
-                            device=config.device, numel=planned.numel())
+                            device=config.device, numel=planned.numel(), family=loaded.family.name)
     plans, info = allocator.allocate(ctx, options)
     return dataclasses.replace(planned, plans=plans), {"name": allocator.name, "options": dataclasses.asdict(options),
                                                        **info}
@@ -111,8 +111,12 @@ def prune(model: str, config: PruneConfig, out: str | Path, *, overwrite: bool =
     source = resolve(model, cache_dir=cache_dir)
     out = check_output(out, [source.path, *source.weight_files], overwrite)
     rules, rules_source = config_rules(config)
-    registry.get(registry.ALLOCATORS, config.allocation, "allocation")
+    method_config(registry.get(registry.ALLOCATORS, config.allocation, "allocation"), config.allocation_args,
+                  "allocation")  # bad allocator options fail before the model loads
+    if save_allocation and not Path(save_allocation).resolve().parent.is_dir():
+        raise UserError(f"--save-allocation {save_allocation}: its directory does not exist: create it first")
     spec = QuantSpec.parse(config.quant, config.group_size)
+    format_for(config.scheme)  # a scheme without a packed format fails before the model loads
     if source.kind == "safetensors-file":
         from sparsify.bare import prune_bare
 

@@ -26,6 +26,7 @@ class AllocationContext:
     batches: Callable[[], list[dict]]  # calibration batches, built on first use
     device: str = "cpu"
     numel: dict[str, int] = field(default_factory=dict)
+    family: str = ""  # the model family's name (sparsify.models.family): which loss a scoring pass uses
 
     def adjustable(self) -> dict[str, str]:
         """{module: block name} of the layers whose sparsity an allocator may set."""

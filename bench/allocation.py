@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import ROOT, protocol_parser, sparsify  # noqa: E402  (bench scripts share the subprocess runner)
+from quality import protocol, protocol_parser, sparsify  # noqa: E402  (bench scripts share the subprocess runner)
 
 
 def main() -> None:
@@ -28,10 +28,7 @@ def main() -> None:
     ap.add_argument("--sparsities", default="0.6,0.7")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    name = Path(args.model).name.replace("-135m", "")
-    out_json = Path(args.out or ROOT / "bench" / "results" / f"allocation_{name}.json")
-    calib = ["--samples", str(args.samples), "--seq-len", str(args.seq_len), "--seed", str(args.seed)]
-    ev = ["--seq-len", str(args.seq_len), "--windows", str(args.windows)]
+    out_json, calib, ev = protocol(args, "allocation")
     dense = sparsify("eval", args.model, *ev)["perplexity"]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -40,7 +37,7 @@ def main() -> None:
                 out = Path(tmp) / f"{allocation}-{s}"
                 m = sparsify("prune", args.model, "--method", "wanda", "--sparsity", str(s),
                              "--allocation", allocation, "-o", str(out), *calib)
-                ppl = sparsify("eval", str(out), *ev)["perplexity"]["perplexity"]
+                ppl = sparsify("eval", str(out), *ev, "--no-baseline")["perplexity"]["perplexity"]
                 alloc = m.get("allocation") or {}
                 rows.append({"sparsity_target": s, "allocation": allocation, "perplexity": ppl,
                              "global_sparsity": m["totals"]["sparsity"], "prune_s": m["timing"]["prune_s"],

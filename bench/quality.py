@@ -44,6 +44,18 @@ def protocol_parser(doc: str) -> argparse.ArgumentParser:
     return ap
 
 
+def protocol(args, name: str) -> tuple[Path, list[str], list[str]]:
+    """(results file, calibration flags, evaluation flags) of the reference protocol for benchmark ``name``.
+
+    Artifacts are evaluated with the flags plus ``--no-baseline``: each script evaluates the dense
+    model once itself, where `sparsify eval` would re-run it beside every artifact.
+    """
+    model = Path(args.model).name.replace("-135m", "")
+    out = Path(args.out or ROOT / "bench" / "results" / f"{name}_{model}.json")
+    calib = ["--samples", str(args.samples), "--seq-len", str(args.seq_len), "--seed", str(args.seed)]
+    return out, calib, ["--seq-len", str(args.seq_len), "--windows", str(args.windows)]
+
+
 def dense_forward_seconds(model: str, samples: int, seq_len: int, seed: int) -> float:
     """Wall time of one forward pass over the calibration set, in a fresh process (same batches as prune)."""
     code = f"""
@@ -100,11 +112,8 @@ def main() -> None:
     ap.add_argument("--distill-steps", type=int, default=20)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    name = Path(args.model).name.replace("-135m", "")
     suffix = "" if args.suite == "spine" else "_" + args.suite.replace(",", "_")
-    out_json = Path(args.out or ROOT / "bench" / "results" / f"quality_{name}{suffix}.json")
-    calib = ["--samples", str(args.samples), "--seq-len", str(args.seq_len), "--seed", str(args.seed)]
-    ev = ["--seq-len", str(args.seq_len), "--windows", str(args.windows)]
+    out_json, calib, ev = protocol(args, f"quality{suffix}")
     fwd = dense_forward_seconds(args.model, args.samples, args.seq_len, args.seed)
     dense = sparsify("eval", args.model, *ev)
     rows = [{"config": "dense", "perplexity": dense["perplexity"]["perplexity"], "sparsity": 0.0}]
@@ -116,7 +125,7 @@ def main() -> None:
             t = time.perf_counter()
             m = sparsify("prune", args.model, *prune_args, "-o", str(out), *calib)
             wall = time.perf_counter() - t
-            r = sparsify("eval", str(out), *ev)
+            r = sparsify("eval", str(out), *ev, "--no-baseline")
             tim = m["timing"]
             mask = {}
             if label.startswith("sparsegpt 2:4 distill"):  # the distilled mask must equal the undistilled one

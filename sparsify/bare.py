@@ -18,6 +18,10 @@ Integer, bool and fp8 tensors (indices, masks, already-quantized codes) and tens
 are never default targets. With an N:M scheme, GPT-2-style Conv1D names (``c_attn``, ``c_fc``,
 ``c_proj``, ``q_attn``) are skipped unless ``--targets`` names them: those weights are stored
 (in, out), and without config.json nothing says so. A checkpoint that names its matrices otherwise takes ``--targets``.
+
+Options mean what they mean on the model-directory path: ``--dtype`` converts every floating-point
+tensor (targets and the rest) before pruning, ``--device`` is where each target is pruned (refused
+when absent), and the manifest records the dtype the artifact holds and the device that computed.
 """
 from __future__ import annotations
 
@@ -55,16 +59,28 @@ def default_targets(names: list[str], shapes: dict[str, list[int]], dtypes: dict
             and dtypes[n] in FLOATS and not _excluded(n.removesuffix("weight").rstrip("."))]
 
 
+def _stored_dtype(dtypes: dict[str, str], asked: str | None) -> str | None:
+    """The float dtype the artifact holds: the asked one, else the file's own when it has a single one."""
+    if asked:
+        return asked
+    names = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
+    found = {names[d] for d in dtypes.values() if d in names}
+    return found.pop() if len(found) == 1 else None
+
+
 def prune_bare(source, config, pruner, method_cfg, out, overwrite: bool) -> dict:
+    import torch
     from safetensors import safe_open
 
     from sparsify import progress
     from sparsify.models.layout import select
-    from sparsify.models.load import sha256_files
+    from sparsify.models.load import check_device, sha256_files
 
     if pruner.stats:
         raise UserError(f"method {pruner.name!r} needs calibration data, which needs the model's config.json: "
                         "pass the model directory (config.json + safetensors) or use --method magnitude")
+    device = check_device(config.device)
+    cast = getattr(torch, config.dtype) if config.dtype else None
     t0 = time.perf_counter()
     fmt, options = format_for(config.scheme)
     path = source.path
@@ -84,12 +100,15 @@ def prune_bare(source, config, pruner, method_cfg, out, overwrite: bool) -> dict
         with progress.bar(f"pruning {path.name}", total=len(names)) as advance:
             for name in names:
                 tensor = f.get_tensor(name)
+                if cast is not None and dtypes[name] in FLOATS:
+                    tensor = tensor.to(cast)
                 reason = skip_reason(tensor, config.scheme) if name in chosen else "not targeted"
                 if reason is None and config.scheme.kind == "nm" and not config.targets and _CONV1D.search(name):
                     reason = ("GPT-2-style Conv1D name: stored (in, out), so N:M groups would run along the wrong "
                               "dimension; pass the model directory (config.json) or name it in --targets")
                 if reason is None:
-                    pruned = pruner.prune(tensor, None, config.scheme, config.sparsity, config.per, method_cfg)
+                    pruned = pruner.prune(tensor.to(device), None, config.scheme, config.sparsity, config.per,
+                                          method_cfg).to("cpu")
                     module = name.removesuffix(".weight")
                     packed, entries[name] = pack_weight(module, pruned, fmt, options)
                     for k, t in packed.items():
@@ -104,7 +123,8 @@ def prune_bare(source, config, pruner, method_cfg, out, overwrite: bool) -> dict
             "sparsify_version": __version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "source": {"path": str(path), "alias": None, "family": None, "model_type": None,
                        "files": sha256_files(source)},
-            "dtype": None, "config": {**config.to_json(), "method_args": dataclasses.asdict(method_cfg)}, "calibration": None,
+            "dtype": _stored_dtype(dtypes, config.dtype), "calibration": None,
+            "config": {**config.to_json(), "device": device, "method_args": dataclasses.asdict(method_cfg)},
             "skipped": skipped, "tensors": entries, "tied": {}, "totals": totals(entries),
             "timing": {"prune_s": round(time.perf_counter() - t0, 2), "peak_rss_mb": round(peak_rss_mb(), 1)},
         }

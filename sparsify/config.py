@@ -4,6 +4,11 @@ Scheme strings (``--scheme``):
   ``unstructured``       any pattern, ``sparsity`` of each row (or layer) removed
   ``N:M``                keep N of every M consecutive input columns (``2:4``, ``4:8``; 0 < N < M)
   ``block:RxC``          R x C tiles of the weight kept or removed whole, ``sparsity`` of tiles removed
+                         (packed as ``bsr``, unquantized)
+
+`PruneConfig` refuses options that would do nothing rather than record them: ``--sparsity`` other
+than the default (0.5) or the scheme's own fraction with an N:M scheme (N:M fixes the fraction),
+``--group-size`` without ``--quant int4``, and a ``--dtype`` outside `DTYPES`.
 """
 from __future__ import annotations
 
@@ -42,9 +47,8 @@ class Scheme:
             if r < 1 or c < 1:
                 raise UserError(f"scheme {text!r}: block sizes must be positive, e.g. block:32x32")
             return cls(kind="block", block=(r, c))
-        raise UserError(
-            f"unknown scheme {text!r}: use 'unstructured', 'N:M' (e.g. 2:4) or 'block:RxC' (e.g. block:32x32)"
-        )
+        raise UserError(f"unknown scheme {text!r}: use 'unstructured', 'N:M' (e.g. 2:4, 4:8) or 'block:RxC' "
+                        "(e.g. block:32x32)")
 
     def __str__(self) -> str:
         if self.kind == "nm":
@@ -76,6 +80,8 @@ class CalibConfig:
 
 
 DISTILL_MODES = ("auto", "end-to-end", "block-wise")
+DTYPES = ("float32", "float16", "bfloat16")  # what --dtype may ask for (float64: no kernel, no format computes in it)
+DEFAULT_SPARSITY = 0.5
 
 
 @dataclass
@@ -88,7 +94,7 @@ class PruneConfig:
 
     method: str = "wanda"
     scheme: Scheme = field(default_factory=lambda: Scheme("unstructured"))
-    sparsity: float = 0.5
+    sparsity: float = DEFAULT_SPARSITY
     per: str = "row"  # unstructured only: "row" (each output row) or "layer" (one threshold)
     quant: str = "none"  # none | int8 | int4 | fp8 | w8a8 (see sparsify.quant.spec)
     group_size: int | None = None  # int4 quantization group along the input dim (None: the quantizer's default)
@@ -115,6 +121,20 @@ class PruneConfig:
             raise UserError(f"--distill-mode {self.distill_mode!r}: use {', '.join(DISTILL_MODES)}")
         if self.distill_steps < 0 or not self.distill_lr > 0:
             raise UserError("--distill-steps must be >= 0 and --distill-lr > 0")
+        self._refuse_idle_options()
+
+    def _refuse_idle_options(self) -> None:
+        """Options that would change nothing are errors, so that the manifest never records them as done."""
+        s = self.scheme
+        if s.kind == "nm" and self.sparsity != DEFAULT_SPARSITY and abs(self.sparsity - s.target_sparsity(0)) > 5e-3:
+            raise UserError(f"--sparsity {self.sparsity} does nothing with --scheme {s}, which always removes "
+                            f"{s.target_sparsity(0):.0%}: drop --sparsity, or use --scheme unstructured "
+                            f"--sparsity {self.sparsity}")
+        if self.group_size is not None and str(self.quant).lower() != "int4":
+            raise UserError(f"--group-size applies to --quant int4 only (here --quant {self.quant}): drop --group-size "
+                            "or pass --quant int4")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise UserError(f"--dtype {self.dtype!r}: use one of {', '.join(DTYPES)}")
 
     def to_json(self) -> dict:
         d = asdict(self)

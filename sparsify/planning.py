@@ -51,8 +51,11 @@ def check_layer(p: LayerPlan) -> None:
 
     pruner = registry.get(registry.PRUNERS, p.method, "method")
     method_config(pruner, p.method_args)
-    QuantSpec.parse(p.quant, p.group_size)
+    spec = QuantSpec.parse(p.quant, p.group_size)
     format_for(p.parsed_scheme)
+    if spec is not None and p.parsed_scheme.kind == "block":
+        raise UserError(f"{p.module}: block schemes are stored unquantized (bsr): drop the quantization for "
+                        "block layers (--quant none, or a plan rule with quant: none)")
 
 
 def method_config(impl, args: dict, what: str = "method"):

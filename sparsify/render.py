@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from rich.table import Table
 
+from sparsify.eval.tables import quant_label
+
 
 def prune_summary(m: dict, output: str) -> list:
     t = Table(title=f"sparsify prune -> {output}", show_header=False)
@@ -14,7 +16,7 @@ def prune_summary(m: dict, output: str) -> list:
     scheme = cfg["scheme"] + (f" ({cfg['sparsity']:.0%})" if cfg["scheme"] == "unstructured" else "")
     t.add_row("method / scheme", f"{cfg['method']} / {scheme}")
     if cfg.get("quant", "none") != "none":
-        t.add_row("quantization", str(m.get("quant") or cfg["quant"]))
+        t.add_row("quantization", quant_label(m))
     t.add_row("pruned layers", f"{tot['targets']} ({len(m.get('skipped', {}))} skipped)")
     t.add_row("sparsity (pruned layers)", f"{tot['sparsity']:.2%}")
     t.add_row("packed / dense bytes",
@@ -38,7 +40,9 @@ def prune_summary(m: dict, output: str) -> list:
 
 def bench_tables(r: dict) -> list:
     layers = Table("layer shape", "format", "tokens", "kernel", "packed ms", "dense ms", "speedup", "bytes limit",
-                   title=f"per layer shape on {r['device']} ({r['torch_threads']} threads)")
+                   title=f"per layer shape on {r['device']} ({r['torch_threads']} threads)", caption_justify="left",
+                   caption="bytes limit = dense / packed weight bytes: the most a memory-bound kernel (small token "
+                           "counts, decode) can gain by reading fewer bytes; speedup = dense ms / packed ms")
     for row in r["layers"]:
         fmt = row["format"] + (f"+{row['quant']}" if row["quant"] else "")
         layers.add_row("x".join(map(str, row["shape"])), fmt, str(row["tokens"]), row["kernel"],
@@ -51,7 +55,22 @@ def bench_tables(r: dict) -> list:
             s, d = by[(phase, "sparse")], by[(phase, "dense")]
             whole.add_row(phase, str(s["tokens"]), f"{s['ms']:.2f}", f"{d['ms']:.2f}",
                           f"{d['ms'] / s['ms']:.2f}x")
-    return [layers, whole, f"bytes limit of the whole artifact's packed weights: {r['bytes_limit']:.2f}x"]
+    note = [f"[yellow]note:[/yellow] {r['note']}"] if r.get("note") else []
+    return [layers, whole, f"bytes limit of the whole artifact's packed weights: {r['bytes_limit']:.2f}x", *note]
+
+
+def models_table(rows: list[dict]) -> list:
+    """`sparsify models`: each alias, whether it is installed, and where it runs from (or how to get it)."""
+    t = Table("alias", "family", "installed", "description", "directory / install")
+    for r in rows:
+        if not r["installed"]:
+            where = r["install"]
+        elif r["path"]:
+            where = r["path"]
+        else:
+            where = f"not converted yet (the first use converts it into {r['convert_to']})"
+        t.add_row(r["name"], r["family"], "yes" if r["installed"] else "no", r["description"], where)
+    return [t]
 
 
 def export_summary(r: dict) -> list:

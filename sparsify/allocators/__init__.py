@@ -10,4 +10,4 @@ not skipped), keeping their parameter-weighted sparsity. ``info`` (JSON-able: pe
 sparsity) goes to the manifest. The result is a plan, so ``--save-allocation`` can write it and a
 later run can prune from it without allocating again.
 """
-from sparsify.allocators import owl, uniform  # noqa: F401  (registration)
+from sparsify.allocators import ecoflap, lpvit, owl, uniform  # noqa: F401  (registration)

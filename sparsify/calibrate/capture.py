@@ -11,6 +11,7 @@ by several blocks (the usual case) are stored once.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -50,10 +51,29 @@ def hidden_of(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _with_hidden(template, hidden):
+def with_hidden(template, hidden):
+    """``template`` (a block's output: a tensor or a tuple led by one) with ``hidden`` as its hidden states."""
     if isinstance(template, (tuple, list)):
         return type(template)((hidden, *template[1:]))
     return hidden
+
+
+@contextmanager
+def patched_forwards(blocks, forwards):
+    """Each block's ``forward`` replaced by the matching function while active, restored exactly after
+    (an instance attribute that was there before, e.g. a hook framework's, comes back as it was)."""
+    patched = []
+    try:
+        for block, forward in zip(blocks, forwards):
+            patched.append((block, "forward" in block.__dict__, block.__dict__.get("forward")))
+            block.forward = forward
+        yield
+    finally:
+        for block, had, original in patched:
+            if had:
+                block.forward = original
+            else:
+                del block.forward
 
 
 def capture(model: nn.Module, layers: nn.ModuleList, batches: list[dict], device, store):
@@ -80,27 +100,18 @@ def capture(model: nn.Module, layers: nn.ModuleList, batches: list[dict], device
             if i == 0:
                 state["template"] = real_forward(*args, **kwargs)
                 return state["template"]
-            return _with_hidden(state["template"], x)
+            return with_hidden(state["template"], x)
         return forward
 
-    patched = []
     try:
-        for i, block in enumerate(layers):
-            had = "forward" in block.__dict__
-            patched.append((block, had, block.__dict__.get("forward")))
-            block.forward = recorder(i, block.forward)
-        with torch.inference_mode():
-            for batch in batches:
-                try:
-                    model(**to_device(batch, device))
-                except Stop:
-                    pass
+        with patched_forwards(layers, [recorder(i, block.forward) for i, block in enumerate(layers)]):
+            with torch.inference_mode():
+                for batch in batches:
+                    try:
+                        model(**to_device(batch, device))
+                    except Stop:
+                        pass
     finally:
-        for block, had, original in patched:
-            if had:
-                block.forward = original
-            else:
-                del block.forward
         memo.clear()
     if len(hidden) != len(batches) or any(len(c) != len(batches) for c in calls):
         raise RuntimeError(f"captured {len(hidden)} of {len(batches)} batches: not every block ran")

@@ -147,6 +147,11 @@ def _open(path: Path, size: int) -> torch.Tensor:
         raise UserError(f"cannot read image {path}: remove or replace the file ({err})") from None
 
 
+def open_image(path: Path, size: int) -> torch.Tensor:
+    """One image file -> (3, size, size) float in [0, 1] (shorter side resized, centre crop); UserError if unreadable."""
+    return _open(Path(path), size)
+
+
 def _builtin_images(size: int, n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
     from PIL import Image
 

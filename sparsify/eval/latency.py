@@ -4,6 +4,10 @@ and for whole forwards (prefill and single-token decode), side by side in one pr
 The dense twin is the same model with every `SparseLinear` unpacked into a plain Linear, so the
 ratio isolates what the packed weights and their kernels gain or lose. The bytes limit is
 dense weight bytes / packed weight bytes: a memory-bound kernel cannot beat it.
+
+On CPU the packed layers run the torch reference path (unpack, then matmul), which is slower than
+the dense twin today; `cpu_note` says so in one line, for `bench` and `eval` alike, and names the
+fast CPU paths (an hf-dense or ONNX export).
 """
 from __future__ import annotations
 
@@ -15,6 +19,14 @@ import torch
 import torch.nn.functional as F
 
 from sparsify import kernels
+
+CPU_NOTE = ("the packed runtime is slower than dense on CPU for now: for speed, run an export "
+            "('sparsify export ARTIFACT --format hf-dense -o DIR' or '--onnx')")
+
+
+def cpu_note(device: str, artifact: bool) -> str | None:
+    """The one-line note for a packed artifact run on the CPU (None elsewhere)."""
+    return CPU_NOTE if artifact and not str(device).startswith("cuda") else None
 
 
 def timeit(fn, device: str, warmup: int = 2, reps: int = 7) -> float:
@@ -89,17 +101,23 @@ def _forward_rows(loaded, dense_model, prompt_len, device, reps) -> list[dict]:
 def bench(artifact: str, *, token_counts=(1, 16, 128), prompt_len: int = 128, device: str = "cpu",
           reps: int = 7) -> dict:
     """Time an artifact against its dense twin. Returns {"layers": [...], "forward": [...], ...}."""
+    from sparsify import progress
     from sparsify.runtime.densify import densify
     from sparsify.runtime.load import load_artifact
 
-    loaded, manifest = load_artifact(artifact, device=device)
-    dense_model = densify(copy.deepcopy(loaded.model))
-    layers = _layer_rows(loaded.model, token_counts, device, reps)
-    forward = _forward_rows(loaded, dense_model, prompt_len, device, reps)
+    with progress.bar("bench", total=3) as step, progress.quiet():
+        step(0, "loading the artifact and its dense twin")
+        loaded, manifest = load_artifact(artifact, device=device)
+        dense_model = densify(copy.deepcopy(loaded.model))
+        step(1, f"timing each layer shape at {', '.join(map(str, token_counts))} tokens")
+        layers = _layer_rows(loaded.model, token_counts, device, reps)
+        step(1, "timing whole-model prefill" + (" and decode" if loaded.family.name == "causal-lm" else ""))
+        forward = _forward_rows(loaded, dense_model, prompt_len, device, reps)
+        step(1, "done")
     by = {(r["phase"], r["model"]): r["ms"] for r in forward}
     ratios = {phase: by[(phase, "dense")] / by[(phase, "sparse")] for phase in ("prefill", "decode")
               if (phase, "sparse") in by}
     t = manifest["totals"]
     return {"artifact": str(artifact), "device": device, "torch_threads": torch.get_num_threads(),
             "layers": layers, "forward": forward, "forward_speedup": ratios,
-            "bytes_limit": t["dense_bytes"] / max(1, t["packed_bytes"])}
+            "bytes_limit": t["dense_bytes"] / max(1, t["packed_bytes"]), "note": cpu_note(device, True)}

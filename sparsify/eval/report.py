@@ -15,6 +15,14 @@ from sparsify.eval.tables import group_labels, split_name
 MAX_TICKS = 16
 
 
+def check_report(out_dir: str | Path) -> None:
+    """UserError naming the fix when matplotlib is missing or ``out_dir`` is a file; `sparsify eval --report`
+    calls it before evaluating, so that minutes of work never end in an error that was known at the start."""
+    _pyplot()
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise UserError(f"--report {out_dir} is a file: pass a directory for eval.json and sparsity.png")
+
+
 def _pyplot():
     try:
         import matplotlib

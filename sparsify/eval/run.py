@@ -6,9 +6,19 @@ plus, for artifacts, packed vs dense bytes from the manifest. Returns a JSON-abl
 
     {"model", "family", "task", "artifact": bool,
      "perplexity": {..., "data", "split"},        # causal LMs
+     "baseline": {"model", "from", "perplexity", "ratio"},  # with a baseline (perplexity: causal LMs)
      "agreement": {"baseline", "inputs", ...},    # with a baseline
+     "accuracy": {"top1", "top5", "agreement_top1", ...},  # image classifiers, --task accuracy
      "size": {"layers": {module: {"numel", "nnz", "sparsity"}}, "count", "numel", "nnz", "sparsity"},
-     "bytes": size_summary(manifest)}             # artifacts
+     "bytes": size_summary(manifest),             # artifacts
+     "note": ...}                                 # artifacts on CPU: the packed runtime is slow there
+
+The baseline, the dense model to compare with, is ``--baseline MODEL`` or, for an artifact, the source
+its manifest records when that directory still exists (``from``: "argument" / "manifest"); ``--no-baseline``
+skips it. It costs one more model load and evaluation (about twice the time of the artifact's alone):
+the number beside a pruned model's perplexity is what makes it readable. Its perplexity runs on the same
+windows; ``ratio`` = pruned / dense perplexity. Agreement's ``kl`` is KL(baseline || model), the mean
+over token positions (each a distribution over the vocabulary), in nats.
 """
 from __future__ import annotations
 
@@ -31,7 +41,7 @@ def _text_source(data: str | None) -> tuple[str, str]:
     return (data, "whole file") if data else ("builtin", "eval")
 
 
-def _perplexity(loaded, opts) -> dict:
+def _perplexity(loaded, opts, label: str = "perplexity") -> dict:
     from sparsify.calibrate.data import eval_windows, load_text
     from sparsify.eval.perplexity import perplexity
 
@@ -40,7 +50,7 @@ def _perplexity(loaded, opts) -> dict:
                         f"({_context_len(loaded, opts['seq_len'])}): pass a smaller --seq-len")
     source, split = _text_source(opts["data"])
     windows = eval_windows(loaded.tokenizer, load_text(source, "eval"), opts["seq_len"], opts["max_windows"])
-    with opts["progress"]("perplexity", len(windows)) as advance:
+    with opts["progress"](label, len(windows)) as advance:
         result = perplexity(loaded.model, windows, opts["batch_size"], progress=advance)
     return {**result, "data": source, "split": split}
 
@@ -67,19 +77,51 @@ def _agreement_batches(loaded, opts) -> tuple[list[dict], dict]:
     return batches, {"data": calib.source, "seed": IMAGE_SEED, "images": sum(len(b["pixel_values"]) for b in batches)}
 
 
-def _agreement(loaded, opts) -> dict:
+def _baseline_model(loaded, opts):
+    """The baseline, loaded once per evaluation (agreement and baseline perplexity share it)."""
     from sparsify.runtime.load import open_model
 
+    if "base" not in opts:
+        base, _ = open_model(opts["baseline"], device=opts["device"])
+        if base.family.name != loaded.family.name:
+            raise UserError(f"--baseline {opts['baseline']} is {_a(base.family.name)}, not {_a(loaded.family.name)}: "
+                            "pass the dense model this one was pruned from")
+        opts["base"] = base
+    return opts["base"]
+
+
+def _agreement(loaded, opts) -> dict:
     if not opts["baseline"]:
         raise UserError("--task agreement needs --baseline MODEL (the dense model to compare with)")
-    base, _ = open_model(opts["baseline"], device=opts["device"])
-    if base.family.name != loaded.family.name:
-        raise UserError(f"--baseline {opts['baseline']} is {_a(base.family.name)}, not {_a(loaded.family.name)}: "
-                        "pass the dense model this one was pruned from")
+    base = _baseline_model(loaded, opts)
     batches, inputs = _agreement_batches(loaded, opts)
     batches = [{k: v.to(opts["device"]) for k, v in b.items()} for b in batches]
     metrics = BY_FAMILY[loaded.family.name](loaded.model, base.model, batches)
+    if "kl" in metrics:
+        metrics["kl_definition"] = "KL(baseline || model), mean over token positions, in nats"
     return {"baseline": str(opts["baseline"]), "inputs": inputs, **metrics}
+
+
+def default_baseline(manifest: dict | None) -> str | None:
+    """The source an artifact was pruned from, when it is still a runnable model directory (or file in one)."""
+    from pathlib import Path
+
+    path = ((manifest or {}).get("source") or {}).get("path")
+    if not path:
+        return None
+    path = Path(path)
+    directory = path.parent if path.suffix == ".safetensors" else path
+    return str(path) if (directory / "config.json").is_file() else None
+
+
+def _baseline(loaded, result: dict, opts, source: str) -> dict:
+    """The baseline's own perplexity on the same windows (causal LMs) and the ratio to this model's."""
+    out = {"model": str(opts["baseline"]), "from": source}
+    if "perplexity" in result:
+        base = _perplexity(_baseline_model(loaded, opts), opts, "perplexity (baseline)")
+        out["perplexity"] = base
+        out["ratio"] = result["perplexity"]["perplexity"] / base["perplexity"]
+    return out
 
 
 def _a(word: str) -> str:
@@ -91,8 +133,17 @@ def _size_only(loaded, opts) -> None:
     return None
 
 
-TASKS = {"perplexity": _perplexity, "agreement": _agreement, "size": _size_only}
-FAMILIES = {"perplexity": {"causal-lm"}, "agreement": set(BY_FAMILY), "size": None}  # None: any family
+def _accuracy(loaded, opts) -> dict:
+    """Top-1 / top-5 of an image classifier on a labelled folder, and agreement with the baseline (eval/accuracy.py)."""
+    from sparsify.eval.accuracy import accuracy
+
+    base = _baseline_model(loaded, opts).model if opts["baseline"] else None
+    return accuracy(loaded, opts["data"], base, device=opts["device"])
+
+
+TASKS = {"perplexity": _perplexity, "agreement": _agreement, "size": _size_only, "accuracy": _accuracy}
+FAMILIES = {"perplexity": {"causal-lm"}, "agreement": set(BY_FAMILY), "size": None,  # None: any family
+            "accuracy": {"image-classifier"}}
 
 
 def _measured_sparsity(loaded, manifest) -> dict:
@@ -118,19 +169,22 @@ def _default_task(family: str, baseline: str | None) -> str:
 
 def evaluate(arg: str, *, task: str | None = None, data: str | None = None, baseline: str | None = None,
              seq_len: int = 512, max_windows: int = 32, batch_size: int = 4, device: str = "cpu",
-             progress_factory=None) -> dict:
+             progress_factory=None, auto_baseline: bool = True) -> dict:
     """Evaluate an artifact directory or a plain model (path or alias); see the module docstring.
 
     Args:
         task: "perplexity" | "agreement" | "size"; None picks by family (causal LM: perplexity;
             others: agreement with a baseline, else size only).
         data: held-out text (.txt / .jsonl) or image folder; None: the built-in evaluation data.
-        baseline: the dense model to compare with; with a baseline, agreement is measured too.
+        baseline: the dense model to compare with; with a baseline, agreement is measured too, and for a
+            causal LM its perplexity on the same windows.
+        auto_baseline: for an artifact without ``baseline``, use the source its manifest records if it exists.
         seq_len, max_windows, batch_size: perplexity windows (non-overlapping) and windows per forward.
         progress_factory: callable(description, total) -> context manager yielding advance(n);
             default: sparsify.progress.bar.
     """
     from sparsify import progress
+    from sparsify.eval.latency import cpu_note
     from sparsify.eval.size import size_summary
     from sparsify.runtime.load import open_model
 
@@ -140,6 +194,9 @@ def evaluate(arg: str, *, task: str | None = None, data: str | None = None, base
         raise UserError("--seq-len must be at least 2, and --windows and --batch-size positive")
     loaded, manifest = open_model(arg, device=device)
     family = loaded.family.name
+    source = "argument" if baseline else "manifest"
+    if baseline is None and auto_baseline and family in BY_FAMILY:
+        baseline = default_baseline(manifest)
     task = task or _default_task(family, baseline)
     for name in {task} | ({"agreement"} if baseline else set()):
         if FAMILIES[name] is not None and family not in FAMILIES[name]:
@@ -152,7 +209,10 @@ def evaluate(arg: str, *, task: str | None = None, data: str | None = None, base
         value = TASKS[name](loaded, opts)
         if value is not None:
             result[name] = value
+    if baseline:
+        result["baseline"] = _baseline(loaded, result, opts, source)
     result["size"] = _measured_sparsity(loaded, manifest)
     if manifest is not None:
         result["bytes"] = size_summary(manifest)
+        result["note"] = cpu_note(device, True)
     return result

@@ -41,6 +41,20 @@ def group_labels(prefixes: list[str]) -> dict[str, str]:
     return labels if len(set(labels.values())) == len(unique) else {p: p + "." for p in unique}
 
 
+def block_order(names: list[str]) -> list[str]:
+    """``names`` by block list (in order of first appearance), then block index as a number (0, 1, 2, ..., 10,
+    not 0, 1, 10, 11, ... as a bare file's sorted keys come), keeping the given order inside a block."""
+    first: dict[str, int] = {}
+    for n in names:
+        first.setdefault(split_name(n)[0], len(first))
+
+    def key(name: str) -> tuple[int, int]:
+        prefix, index, _ = split_name(name)
+        return first[prefix], -1 if index is None else index
+
+    return sorted(names, key=key)
+
+
 def ellipsize(text: str, width: int = REST_WIDTH) -> str:
     """Cut the middle of ``text`` to fit ``width``, keeping its start and informative tail."""
     if len(text) <= width:
@@ -81,7 +95,8 @@ def _calibration(m: dict) -> str:
     return f"{c['source']}: {c['samples']} samples x {c['seq_len']} (seed {c['seed']}{tokens})"
 
 
-def _quant(m: dict) -> str:
+def quant_label(m: dict) -> str:
+    """A manifest's quantization in words: ``int4 (group 128, symmetric)``, ``int8 (per channel, ...)``, ``none``."""
     q = m.get("quant") or {}
     kind = q.get("kind") or m["config"].get("quant") or "none"
     if kind == "none":
@@ -109,7 +124,7 @@ def _header(m: dict) -> Table:
         a = m["allocation"]
         head.add_row("allocation", f"{a['name']} ({', '.join(f'{k}={v}' for k, v in a.get('options', {}).items())}), "
                                    f"target {a.get('target', 0):.1%} over {len(a.get('groups', {}))} groups")
-    head.add_row("quant", _quant(m))
+    head.add_row("quant", quant_label(m))
     head.add_row("calibration", _calibration(m))
     for key in ("targets", "ignore"):
         if cfg.get(key):
@@ -124,7 +139,7 @@ def _header(m: dict) -> Table:
 
 
 def _tensor_table(m: dict) -> Table:
-    names = list(m["tensors"])
+    names = block_order(list(m["tensors"]))
     split = {n: split_name(n) for n in names}
     labels = group_labels([split[n][0] for n in names if split[n][1] is not None])
     lists = ", ".join(f"{p}.N" for p in labels) or "-"
@@ -163,10 +178,24 @@ def info_table(manifest: dict) -> list:
     return [_header(manifest), _tensor_table(manifest), _footer(manifest)]
 
 
+METRIC_LABELS = {"kl": "KL(baseline||this) {:.4f} nats/token", "top1": "same top-1 {:.1%}"}
+
+
 def _agreement_row(a: dict) -> str:
-    metrics = ", ".join(f"{k}={v:.4f}" for k, v in a.items() if isinstance(v, float))
+    metrics = ", ".join(METRIC_LABELS.get(k, k + "={:.4f}").format(v) for k, v in a.items() if isinstance(v, float))
     counted = next((f"{a[k]:,} {k}" for k in ("positions", "samples") if k in a), "")
     return f"{metrics} over {counted}" if counted else metrics
+
+
+def _accuracy_row(a: dict) -> str:
+    """Top-1 / top-5 on labelled images (dense beside them), and agreement with the dense top-1."""
+    parts = [f"top-1 {a['top1']:.1%}, top-5 {a['top5']:.1%}"] if "top1" in a else []
+    if "baseline" in a:
+        parts.append(f"dense {a['baseline']['top1']:.1%} / {a['baseline']['top5']:.1%}")
+    if "agreement_top1" in a:
+        parts.append(f"same top-1 as dense {a['agreement_top1']:.1%}")
+    classes = f", classes by {a['classes']}" if a.get("classes") else ""
+    return "; ".join(parts) + f" over {a['images']:,} images ({a['data']}{classes})"
 
 
 def eval_table(result: dict) -> Table:
@@ -178,8 +207,18 @@ def eval_table(result: dict) -> Table:
         p = r["perplexity"]
         table.add_row("perplexity", f"{p['perplexity']:.3f} (nll {p['nll']:.4f}); {p['data']} {p['split']} text, "
                                     f"{p['windows']} x {p['seq_len']} tokens")
+    base = r.get("baseline") or {}
+    if base:
+        table.add_row("baseline", f"{base['model']}" + (" (the source in the manifest; --no-baseline skips it)"
+                                                        if base["from"] == "manifest" else ""))
+    if "perplexity" in base:
+        table.add_row("  perplexity", f"{base['perplexity']['perplexity']:.3f} dense on the same windows; "
+                                      f"this / dense = {base['ratio']:.3f}x")
     if "agreement" in r:
-        table.add_row(f"vs {ellipsize(str(r['agreement']['baseline']), 24)}", _agreement_row(r["agreement"]))
+        table.add_row("  agreement" if base else f"vs {ellipsize(str(r['agreement']['baseline']), 24)}",
+                      _agreement_row(r["agreement"]))
+    if "accuracy" in r:
+        table.add_row("accuracy", _accuracy_row(r["accuracy"]))
     s = r["size"]
     if s["layers"]:
         spars = [v["sparsity"] for v in s["layers"].values()]
@@ -194,4 +233,6 @@ def eval_table(result: dict) -> Table:
                                      f"stored dense = {b['disk_ratio']:.3f}")
     for path in r.get("report_files", []):
         table.add_row("report", str(path))
+    if r.get("note"):
+        table.add_row("note", r["note"])
     return table

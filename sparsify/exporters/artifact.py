@@ -86,7 +86,12 @@ def read_manifest(path: str | Path) -> dict:
     mf = path / MANIFEST_NAME
     if not mf.exists():
         raise UserError(f"{path} is not a sparsify artifact (no {MANIFEST_NAME}): pass a directory written by 'sparsify prune'")
-    manifest = json.loads(mf.read_text())
+    try:
+        manifest = json.loads(mf.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{mf} is not valid JSON ({e}): re-run 'sparsify prune' to write the artifact again") from None
+    if not isinstance(manifest, dict):
+        raise UserError(f"{mf} is not a sparsify manifest (not a JSON object): re-run 'sparsify prune'")
     if manifest.get("format_version", 0) > FORMAT_VERSION:
         raise UserError(f"{path} was written by a newer sparsify (format {manifest['format_version']}): upgrade sparsify")
     return manifest

@@ -124,12 +124,16 @@ def _trace(wrapper, inputs, outputs, axes, opset, tmp: Path):
 
 
 def _require_onnx(verify: bool) -> None:
+    """One line naming the missing package, before anything is loaded (they are main dependencies; a
+    broken or partial environment still gets the fix, not a traceback from a module-level import)."""
     try:
-        import onnx_ir, onnxscript  # noqa: F401, E401
+        import ml_dtypes, onnx, onnx_ir, onnxscript  # noqa: F401, E401
         if verify:
             import onnxruntime  # noqa: F401
     except ImportError as e:
-        raise UserError(f"ONNX export needs {e.name}: pip install onnx onnxscript onnxruntime") from None
+        name = e.name or str(e).split("'")[1 if "'" in str(e) else 0]
+        raise UserError(f"ONNX export needs {name}: pip install onnx onnx-ir onnxscript onnxruntime ml_dtypes "
+                        "(or reinstall sparsify-cli)") from None
 
 
 def _target(artifact: Path, out_file) -> Path:
@@ -153,9 +157,6 @@ def export_onnx(artifact_dir, out_file=None, *, opset: int | None = None, verify
         tolerance: max relative error (max |onnx - torch| / max |torch|) allowed; default by dtype / quant.
         external_data: weights in ``FILE.data``; None: only when the model exceeds 2 GB.
     """
-    from sparsify.eval.onnx_model import compare_with
-    from sparsify.exporters.onnx_quant import collect_weights, estimate_bytes, quantize_graph
-
     artifact = Path(artifact_dir).resolve()
     manifest = read_manifest(artifact)
     quant = manifest.get("quant") or {}
@@ -165,11 +166,23 @@ def export_onnx(artifact_dir, out_file=None, *, opset: int | None = None, verify
         raise UserError(f"--opset {opset}: use {need}-{OPSETS[-1]}"
                         + (f" ({quant['kind']} weights need opset {need}+)" if need > 18 else ""))
     _require_onnx(verify)
+    from sparsify import progress
+
     out = _target(artifact, out_file)
+    with progress.bar("ONNX export", total=5 if verify else 4) as step, progress.quiet():
+        return _export(artifact, out, opset, verify, tolerance, external_data, step)
+
+
+def _export(artifact: Path, out: Path, opset: int, verify: bool, tolerance, external_data, step) -> dict:
+    """`export_onnx` after its checks; ``step(n, label)`` reports progress (load, trace, quantize, save, verify)."""
+    from sparsify.eval.onnx_model import compare_with
+    from sparsify.exporters.onnx_quant import collect_weights, estimate_bytes, quantize_graph
     from sparsify.runtime.densify import densify
     from sparsify.runtime.load import load_artifact
 
+    step(0, "loading the artifact" + (" and running it in PyTorch" if verify else ""))
     loaded, manifest = load_artifact(artifact)
+    quant = manifest.get("quant") or {}
     wrapper, outputs, axes = graph_io(loaded)
     weights = collect_weights(loaded.model, manifest)
     inputs = sample_inputs(loaded, list(axes))
@@ -179,21 +192,26 @@ def export_onnx(artifact_dir, out_file=None, *, opset: int | None = None, verify
         raise UserError(f"the model's weights take {size / 1e9:.2f} GB, above ONNX's 2 GB limit for one file: "
                         "allow external data (drop --no-external-data)")
     with atomic_dir(out.parent, merge=True) as tmp:
+        step(1, "tracing the graph")
         onnx_model = _trace(wrapper, _other_shapes(inputs), outputs, axes, opset, tmp)  # an onnx_ir Model
+        step(1, "storing quantized weights")
         layers = quantize_graph(onnx_model, weights, opset)
         targets = {m: [layer["initializer"], layer["layout"]] for m, layer in layers.items()}
         onnx_model.metadata_props.update({"sparsify.artifact": str(artifact), "sparsify.family": loaded.family.name,
                                           "sparsify.quant": quant.get("kind") or "none",
                                           "sparsify.targets": json.dumps(targets)})
         name, default_tol = _name_and_tolerance(manifest)
+        step(1, "saving")
         result = {"onnx": str(out), "family": loaded.family.name, "opset": opset, "quant": name,
                   "inputs": list(axes), "outputs": outputs, **_save(onnx_model, tmp / out.name, layers, external_data)}
         if verify:  # on other shapes than the trace saw, so baked-in sizes fail here
+            step(1, "checking it with onnxruntime")
             tol = default_tol if tolerance is None else tolerance
             result.update(compare_with(tmp / out.name, inputs, reference, tol))
         else:
             result["verified"] = False
         result["side_files"] = _check_side_files(tmp, copy_side_files(artifact, tmp), out.parent)
+    step(1, "done")
     return result
 
 

@@ -5,6 +5,10 @@ straight to a per-shard scratch file; `close()` writes each shard as
 ``[8-byte little-endian header length][JSON header, space-padded to 8 bytes][raw data]`` (the
 safetensors layout) and, when there is more than one shard, a Hugging Face style
 ``model.safetensors.index.json``. Shards are cut at ``max_shard_bytes``.
+
+`check_file` reads only that header to tell a complete file from a renamed text file or a truncated
+download, so every reader (model directories, bare files, artifacts) can refuse it in one line
+instead of a ``SafetensorError`` traceback.
 """
 from __future__ import annotations
 
@@ -15,6 +19,9 @@ from pathlib import Path
 
 import torch
 
+from sparsify.errors import UserError
+
+MAX_HEADER = 100 << 20  # bytes; the safetensors library's own limit
 DTYPE_CODES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
@@ -82,6 +89,28 @@ class ShardedWriter:
             shard["path"].unlink(missing_ok=True)
 
 
+def check_file(path: str | Path) -> None:
+    """UserError when ``path`` is not a whole safetensors file: its 8-byte header length, its JSON header
+    and the data offsets of every tensor must fit inside the file."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        why = None if 0 < n <= min(size - 8, MAX_HEADER) else "no safetensors header"
+        if why is None:
+            try:
+                header = json.loads(fh.read(n))
+                end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            except (ValueError, UnicodeDecodeError, TypeError, KeyError, IndexError, AttributeError):
+                why = "its header is not valid safetensors JSON"
+            else:
+                if 8 + n + end > size:
+                    why = f"truncated: {size:,} bytes, its header needs {8 + n + end:,}"
+    if why:
+        raise UserError(f"{path} is not a valid .safetensors file ({why}): re-download or re-create it")
+
+
 def read_tensors(directory: Path, prefix: str = "model") -> dict[str, torch.Tensor]:
     """Load every tensor of a (possibly sharded) safetensors set; never unpickles."""
     from safetensors.torch import load_file
@@ -93,5 +122,6 @@ def read_tensors(directory: Path, prefix: str = "model") -> dict[str, torch.Tens
     ]
     out: dict[str, torch.Tensor] = {}
     for f in files:
+        check_file(directory / f)
         out.update(load_file(str(directory / f)))
     return out

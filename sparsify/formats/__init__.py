@@ -1,4 +1,4 @@
-"""Packed weight formats: name -> `Format` in `sparsify.tables.FORMATS` (nm, bitmask, dense).
+"""Packed weight formats: name -> `Format` in `sparsify.tables.FORMATS` (nm, bitmask, bsr, dense).
 
 The packer -> file / kernel handoff is a flat ``dict[str, Tensor]`` plus JSON attrs.
 """
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from sparsify.config import Scheme
 from sparsify.errors import UserError
-from sparsify.formats import bitmask, dense, nm  # noqa: F401  (registration)
+from sparsify.formats import bitmask, bsr, dense, nm  # noqa: F401  (registration)
 from sparsify.formats.base import nbytes  # noqa: F401
 from sparsify.formats.nm import nm_mask_ok  # noqa: F401
 from sparsify.tables import FORMATS, lookup
@@ -14,6 +14,7 @@ from sparsify.tables import FORMATS, lookup
 _BY_SCHEME = {
     "nm": lambda s: ("nm", {"n": s.n, "m": s.m}),
     "unstructured": lambda s: ("bitmask", {}),
+    "block": lambda s: ("bsr", {"block": list(s.block)}),
     "dense": lambda s: ("dense", {}),
 }
 
@@ -21,10 +22,8 @@ _BY_SCHEME = {
 def format_for(scheme) -> tuple[str, dict]:
     """The packed format (name, pack options) that stores a `Scheme` (or scheme string)."""
     scheme = Scheme.parse(scheme)
-    if scheme.kind == "block":
-        raise UserError("block schemes need the bsr format (not yet available)")
     if scheme.kind not in _BY_SCHEME:
-        raise UserError(f"scheme {scheme} has no packed format: use unstructured or N:M (e.g. 2:4)")
+        raise UserError(f"scheme {scheme} has no packed format: use unstructured, N:M (e.g. 2:4) or block:RxC")
     return _BY_SCHEME[scheme.kind](scheme)
 
 

@@ -2,7 +2,8 @@
 
 ``SPARSIFY_KERNELS=reference|triton|auto`` (default auto) forces a path; tests use ``triton`` to run
 the Triton kernels on CPU under the interpreter. Under auto, CPU means the reference. On CUDA:
-our Triton kernels for N:M weights up to a token threshold (memory-bound decode), then torch's
+our Triton kernels for N:M weights (and ``bsr`` with 16+ power-of-two tiles) up to a token threshold
+(memory-bound decode), then torch's
 semi-structured sparse matmul (cuSPARSELt / CUTLASS) for 2:4 fp16/bf16, else the dense weight
 unpacked once and cached. Triton paths go through the custom ops of `sparsify.kernels.ops`.
 """
@@ -46,21 +47,30 @@ def _mode() -> str:
     return mode
 
 
+def triton_path(fmt: str, attrs: dict, kind: str) -> str | None:
+    """Our Triton kernel for this packed weight, or None when none takes it."""
+    if fmt == "nm" and attrs.get("m") in TRITON_M and kind in TRITON_PATH:
+        return TRITON_PATH[kind]
+    if fmt == "bsr" and kind == "float" and all(b >= 16 and b & (b - 1) == 0 for b in attrs["block"]):
+        return "triton-bsr"
+    return None
+
+
 def kernel_name(x: torch.Tensor, fmt: str, attrs: dict) -> str:
     """Which implementation `linear` would use for this input and packed weight."""
     mode, kind = _mode(), weight_kind(attrs)
-    triton_ok = fmt == "nm" and attrs.get("m") in TRITON_M and kind in TRITON_PATH
-    if mode == "reference" or (mode == "triton" and not triton_ok):
+    path = triton_path(fmt, attrs, kind)
+    if mode == "reference" or (mode == "triton" and path is None):
         return "reference"
     if mode == "triton":
         if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise UserError("SPARSIFY_KERNELS=triton on CPU needs TRITON_INTERPRET=1 set before sparsify is imported")
-        return TRITON_PATH[kind]
+        return path
     if x.device.type != "cuda":
         return "reference"
     tokens = x.numel() // x.shape[-1]
-    if triton_ok and tokens <= TRITON_MAX_TOKENS[kind]:
-        return TRITON_PATH[kind]
+    if path is not None and tokens <= TRITON_MAX_TOKENS[kind]:
+        return path
     if (kind == "float" and fmt == "nm" and (attrs["n"], attrs["m"]) == (2, 4) and x.dtype in SEMI_DTYPES
             and semi_structured_available(x.device)):
         return "semi-structured"
@@ -124,8 +134,15 @@ def _triton_w8a8(x, fmt, tensors, attrs, bias):
                            None if static is None else static.to(x.device), bias)
 
 
+def _triton_bsr(x, fmt, tensors, attrs, bias):
+    from sparsify.kernels import ops
+
+    return ops.bsr_linear(x, tensors["values"], tensors["col_idx"], tensors["row_ptr"], attrs["shape"][0], bias)
+
+
 IMPLS = {"reference": reference.linear, "triton-nm": _triton_nm, "triton-nm-wq": _triton_wq,
-         "triton-w8a8": _triton_w8a8, "semi-structured": _semi_structured, "dense-cached": _dense_cached}
+         "triton-w8a8": _triton_w8a8, "triton-bsr": _triton_bsr, "semi-structured": _semi_structured,
+         "dense-cached": _dense_cached}
 
 
 def linear(x: torch.Tensor, fmt: str, tensors: dict[str, torch.Tensor], attrs: dict,

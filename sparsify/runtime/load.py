@@ -40,9 +40,10 @@ def _build_skeleton(path: Path, manifest: dict):
 
 def load_artifact(path: str | Path, device: str = "cpu"):
     """Rebuild an artifact as a `LoadedModel` whose compressed Linears are `SparseLinear`."""
-    from sparsify.models.load import LoadedModel, ModelSource, preprocessing
+    from sparsify.models.load import LoadedModel, ModelSource, check_device, preprocessing
 
     path = Path(path)
+    check_device(device)
     manifest = read_manifest(path)
     if not (path / "config.json").exists():
         raise UserError(f"{path} holds pruned bare weights (no config.json), which cannot run: "

@@ -45,6 +45,25 @@ def _nan_weight(llama, tmp_path):
     return d
 
 
+def _text_as_safetensors(llama, tmp_path):
+    path = tmp_path / "notes.safetensors"  # a text file renamed
+    path.write_text("these are my notes, not tensors\n" * 20)
+    return path
+
+
+def _truncated(llama, tmp_path, bare: bool):
+    """The first part of a real checkpoint (a download cut short), as a bare file or in its model directory."""
+    import shutil
+
+    d = tmp_path / "cut"
+    shutil.copytree(llama, d)
+    data = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(data[:len(data) // 3])
+    if bare:
+        (d / "config.json").unlink()
+    return d / "model.safetensors" if bare else d
+
+
 def _plan_file(tmp_path, rules: str):
     p = tmp_path / "plan.yaml"
     p.write_text(rules)
@@ -79,11 +98,28 @@ CASES = {
     "plan rule typo": (lambda l, t: l, ["--plan", "TYPO"], ["matches no target"]),
     "unknown allocation": (lambda l, t: l, ["--allocation", "owls"], ["owl", "uniform"]),
     "unknown allocation option": (lambda l, t: l, ["--allocation", "owl", "--allocation-arg", "lambda=1"], ["lam"]),
+    # issue 9: corrupt inputs, options that would do nothing, options this machine cannot honour
+    "text file named .safetensors": (_text_as_safetensors, [], ["notes.safetensors", "not a valid .safetensors"]),
+    "truncated checkpoint": (lambda l, t: _truncated(l, t, bare=False), [], ["truncated", "re-download"]),
+    "truncated bare file": (lambda l, t: _truncated(l, t, bare=True), [], ["truncated", "re-download"]),
+    "sparsity with N:M": (lambda l, t: l, ["--scheme", "2:4", "--sparsity", "0.7"],
+                          ["does nothing", "--scheme unstructured --sparsity 0.7"]),
+    "group size without int4": (lambda l, t: l, ["--group-size", "64"], ["--quant int4"]),
+    "group size with int8": (lambda l, t: l, ["--quant", "int8", "--group-size", "64"], ["--quant int4"]),
+    "unknown scheme": (lambda l, t: l, ["--scheme", "blocky"], ["'unstructured'", "2:4"]),
+    "float64": (lambda l, t: l, ["--dtype", "float64"], ["float32, float16, bfloat16"]),
+    "float64 on a bare file": (_bare, ["--dtype", "float64"], ["float32, float16, bfloat16"]),
+    "cuda without a GPU, bare file": (_bare, ["--device", "cuda"], ["--device cpu"]),
+    "unknown device": (lambda l, t: l, ["--device", "gpu"], ["cpu, cuda"]),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_user_error(llama, tmp_path, case):
+    import torch
+
+    if "cuda" in case and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
     make, extra, words = CASES[case]
     model = make(llama, tmp_path)
     extra = [str(_text_file(tmp_path, "")) if a == "EMPTY" else

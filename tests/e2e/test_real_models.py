@@ -22,8 +22,10 @@ def test_smollm2_wanda_24(tmp_path):
     assert m["totals"]["ratio"] <= 0.57
     for name, w in dense_weights(out).items():
         assert nm_ok(w, 2, 4), name
-    ppl = cli_json("eval", out, "--windows", "2", "--seq-len", "128")["perplexity"]
-    dense = cli_json("eval", "smollm2-135m", "--windows", "2", "--seq-len", "128")["perplexity"]
+    r = cli_json("eval", out, "--windows", "2", "--seq-len", "128")  # the dense source: the default baseline
+    ppl, dense = r["perplexity"], r["baseline"]["perplexity"]
+    assert r["baseline"]["from"] == "manifest" and r["baseline"]["ratio"] == ppl["perplexity"] / dense["perplexity"]
+    assert dense == cli_json("eval", "smollm2-135m", "--windows", "2", "--seq-len", "128")["perplexity"]
     assert 1 < dense["perplexity"] < 60, dense  # a real LM on real English text
     assert dense["perplexity"] < ppl["perplexity"] < 20 * dense["perplexity"], (dense, ppl)
 

@@ -79,3 +79,67 @@ def test_merge_into_new_and_existing_directory(tmp_path):
             (tmp / "c.onnx").write_text("c")
             raise ValueError
     assert sorted(p.name for p in out.iterdir()) == ["b.onnx", "config.json", "model.onnx"]
+
+
+def _age(path, seconds=3600):
+    import os
+    import time
+
+    os.utime(path, (time.time() - seconds, time.time() - seconds))
+
+
+def test_stale_temporaries_of_dead_runs_are_removed_live_ones_kept(tmp_path):
+    """Unlocked and unchanged for STALE_AFTER_S: a dead run's. Locked (a live run) or recent: left alone."""
+    import fcntl
+    import os
+
+    dead, live, young, other = (tmp_path / n for n in (".out.tmp-dead", ".out.tmp-live", ".out.tmp-young",
+                                                        ".other.tmp-x"))
+    for d in (dead, live, young, other):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"x" * 10)
+    for d in (dead, live, other):
+        _age(d)
+    fd = os.open(live, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # as a concurrent run holds its own
+    try:
+        with atomic_dir(tmp_path / "out") as tmp:
+            (tmp / "a").write_text("a")
+    finally:
+        os.close(fd)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.tmp-x", ".out.tmp-live", ".out.tmp-young", "out"]
+
+
+def test_a_run_locks_its_own_temporary(tmp_path):
+    import fcntl
+    import os
+
+    with atomic_dir(tmp_path / "out") as tmp:
+        fd = os.open(tmp, os.O_RDONLY)
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.close(fd)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027, 0o077])
+def test_output_modes_follow_the_umask(tmp_path, mask):
+    import os
+    import stat
+    import tempfile
+
+    old = os.umask(mask)
+    try:
+        with atomic_dir(tmp_path / "out") as tmp:
+            fd, name = tempfile.mkstemp(dir=tmp)  # 0600, as some writers make them
+            os.close(fd)
+            (tmp / "sub").mkdir(mode=0o700)
+            (tmp / "sub" / "f").write_text("f")
+            (tmp / "run.sh").write_text("#!/bin/sh\n")
+            (tmp / "run.sh").chmod(0o700)
+    finally:
+        os.umask(old)
+    out = tmp_path / "out"
+    mode = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [out, *out.rglob("*")]}
+    assert mode.pop("out") == mode.pop("sub") == 0o777 & ~mask
+    assert mode.pop("run.sh") == 0o766 & ~mask  # keeps the execute bit it had
+    assert set(mode.values()) == {0o666 & ~mask}

@@ -34,3 +34,29 @@ def test_target_sparsity_and_json():
     assert Scheme.parse("unstructured").target_sparsity(0.3) == 0.3
     cfg = PruneConfig(method="wanda", scheme="4:8")
     assert cfg.to_json()["scheme"] == "4:8" and cfg.to_json()["calib"]["seed"] == 0
+
+
+@pytest.mark.parametrize("bad", ["half", "blocky", "2:5x"])
+def test_unknown_scheme_suggests_only_what_works(bad):
+    with pytest.raises(UserError) as e:
+        Scheme.parse(bad)
+    from sparsify.formats import format_for
+
+    suggested = [w for w in ("unstructured", "2:4", "4:8", "block:32x32") if w in str(e.value).replace(bad, "")]
+    assert "2:4" in suggested and "block:32x32" in suggested
+    for scheme in suggested:  # every scheme the message suggests parses and has a packed format
+        format_for(Scheme.parse(scheme))
+
+
+def test_options_that_would_do_nothing_are_refused():
+    """N:M fixes the fraction; --group-size only shapes int4; float64 has no kernel or format."""
+    with pytest.raises(UserError, match="--sparsity 0.7 does nothing with --scheme 2:4"):
+        PruneConfig(scheme="2:4", sparsity=0.7)
+    assert PruneConfig(scheme="1:4", sparsity=0.75).sparsity == 0.75  # the scheme's own fraction: consistent
+    assert PruneConfig(scheme="2:4").sparsity == 0.5  # the default
+    for quant in ("none", "int8", "fp8", "w8a8"):
+        with pytest.raises(UserError, match="--group-size applies to --quant int4 only"):
+            PruneConfig(quant=quant, group_size=64)
+    assert PruneConfig(quant="int4", group_size=0).group_size == 0
+    with pytest.raises(UserError, match="float32, float16, bfloat16"):
+        PruneConfig(dtype="float64")

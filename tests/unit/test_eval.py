@@ -243,7 +243,8 @@ def test_info_table_is_readable_in_100_columns():
 
 def test_eval_table_rows():
     text = "\n".join(_render([eval_table(_result())]))
-    for want in ("21.500", "builtin eval text", "2 x 512", "kl=0.1200", "top1=0.8000", "1,024 positions",
+    for want in ("21.500", "builtin eval text", "2 x 512", "KL(baseline||this) 0.1200 nats/token",
+                 "same top-1 80.0%", "1,024 positions",
                  "over 8 layers", "0.0% .. 50.0%", "34.0 kB vs 65.5 kB dense"):
         assert want in text, want
 
@@ -306,7 +307,10 @@ def test_evaluate_perplexity_agreement_and_size(fake_open):
     windows = fake_open.ids[:48].view(3, 16)
     want = perplexity(fake_open.models["llm"][0], windows, batch_size=2)
     assert r["perplexity"] == {**want, "data": "builtin", "split": "eval"}
-    assert bars == [["perplexity", 3, 3]]
+    assert bars == [["perplexity", 3, 3], ["perplexity (baseline)", 3, 3]]  # the baseline: same windows
+    dense = perplexity(fake_open.models["base"][0], windows, batch_size=2)
+    assert r["baseline"] == {"model": "base", "from": "argument", "perplexity": {**dense, "data": "builtin", "split": "eval"},
+                             "ratio": want["perplexity"] / dense["perplexity"]}
     batch = {"input_ids": windows, "attention_mask": torch.ones_like(windows)}
     assert math.isclose(r["agreement"]["kl"], logit_agreement(*(fake_open.models[k][0] for k in ("llm", "base")),
                                                               [batch])["kl"], rel_tol=1e-5)
@@ -318,7 +322,9 @@ def test_evaluate_defaults_and_errors(fake_open):
     r = run.evaluate("enc", baseline="enc", seq_len=8, max_windows=20)
     assert r["task"] == "agreement" and r["agreement"]["samples"] == 8 and r["agreement"]["cosine"] > 1 - 1e-5
     assert run.evaluate("enc")["task"] == "size"
-    with pytest.raises(UserError, match="choose one of perplexity, agreement, size"):
+    with pytest.raises(UserError, match="choose one of perplexity, agreement, size, accuracy"):
+        run.evaluate("llm", task="top1")
+    with pytest.raises(UserError, match="--task accuracy does not apply to a causal-lm"):
         run.evaluate("llm", task="accuracy")
     with pytest.raises(UserError, match="does not apply to an encoder"):
         run.evaluate("enc", task="perplexity")

@@ -118,7 +118,7 @@ def test_errors_and_format_for():
         formats.pack("nm", torch.ones(2, 8), n=2, m=4)
     with pytest.raises(ValueError, match=r"\[2, 6\]"):
         formats.pack("nm", torch.zeros(2, 6), n=2, m=4)
-    with pytest.raises(UserError, match="bitmask, dense, nm"):
+    with pytest.raises(UserError, match="bitmask, bsr, dense, nm"):
         formats.pack("csr9", torch.zeros(2, 4))
     with pytest.raises(UserError, match="bitmask"):
         formats.unpack("csr9", {}, {})
@@ -128,8 +128,9 @@ def test_errors_and_format_for():
     assert formats.format_for(Scheme.parse("4:8")) == ("nm", {"n": 4, "m": 8})
     assert formats.format_for(Scheme.parse("unstructured")) == ("bitmask", {})
     assert formats.format_for(Scheme.parse("dense")) == ("dense", {})
-    with pytest.raises(UserError, match="bsr"):
-        formats.format_for(Scheme.parse("block:4x4"))
+    assert formats.format_for(Scheme.parse("block:4x8")) == ("bsr", {"block": [4, 8]})
+    with pytest.raises(ValueError, match="unquantized"):
+        formats.pack("bsr", torch.zeros(4, 8), block=(4, 8), quant=rtn.compute_params(torch.ones(4, 8), QuantSpec("int8")))
 
 
 def _random_quantized(out, inp, spec, dtype, keep, g):

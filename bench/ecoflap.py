@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import protocol, protocol_parser, sparsify  # noqa: E402  (bench scripts share the subprocess runner)
+from quality import protocol, protocol_parser, sparsify, write_results  # noqa: E402  (bench scripts share the subprocess runner)
 
 ZO_CODE = """
 import json, sys, time, torch
@@ -95,8 +94,7 @@ def main() -> None:
               "calibration": {"source": "builtin", "samples": args.samples, "seq_len": args.seq_len, "seed": args.seed},
               "evaluation": {"data": "builtin eval split", "seq_len": args.seq_len, "windows": dense["windows"],
                              "tokens": dense["tokens"]},
-              "dense_perplexity": dense["perplexity"], "machine": {"cpu_count": os.cpu_count(),
-              "platform": platform.platform(), "python": platform.python_version()}, "rows": rows}
+              "dense_perplexity": dense["perplexity"], "rows": rows}
     with tempfile.TemporaryDirectory() as tmp:
         for s in (float(x) for x in args.sparsities.split(",")):
             for allocation in args.allocations.split(","):
@@ -123,12 +121,11 @@ def main() -> None:
                 r[f"ratio_vs_{ref}"] = round(r["perplexity"] / base["perplexity"], 4)
                 r[f"time_vs_{ref}"] = round(r["prune_s"] / base["prune_s"], 3)
         r["sparsity_error"] = round(r["global_sparsity"] - r["sparsity_target"], 5)
-    out_json.parent.mkdir(parents=True, exist_ok=True)
-    out_json.write_text(json.dumps(result, indent=1))  # the rows survive a failure of the timing below
+    write_results(out_json, result)  # the rows survive a failure of the timing below
     if args.zo_blocks:
         result["zeroth_order_timing"] = zeroth_order_timing(args.model, args.zo_samples, args.seq_len, args.seed,
                                                             args.zo_blocks)
-        out_json.write_text(json.dumps(result, indent=1))
+        write_results(out_json, result)
     print(f"dense perplexity {dense['perplexity']:.2f}")
     print(f"{'target':>6} {'allocation':<10} {'ppl':>9} {'vs uniform':>10} {'vs owl':>7} {'global sparsity':>16} "
           f"{'prune s':>8} {'score s':>8}")

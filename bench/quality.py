@@ -44,6 +44,22 @@ def protocol_parser(doc: str) -> argparse.ArgumentParser:
     return ap
 
 
+def write_results(path: Path, result: dict) -> None:
+    """``result`` plus the machine it ran on, as JSON at ``path`` (folders made as needed)."""
+    result["machine"] = {"cpu_count": os.cpu_count(), "platform": platform.platform(),
+                         "python": platform.python_version()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+
+
+def print_table(rows: list[dict], columns: list[tuple[str, str, int, str]]) -> None:
+    """One line per row; ``columns`` are (header, key, width, format), e.g. ("ppl", "perplexity", 9, ".2f");
+    text columns (empty format) are left-aligned, numbers right-aligned."""
+    print(" ".join(format(h, f"{'>' if f else '<'}{w}") for h, _, w, f in columns))
+    for r in rows:
+        print(" ".join(format(r[k], f"{'>' if f else '<'}{w}{f}") for _, k, w, f in columns))
+
+
 def protocol(args, name: str) -> tuple[Path, list[str], list[str]]:
     """(results file, calibration flags, evaluation flags) of the reference protocol for benchmark ``name``.
 
@@ -143,10 +159,8 @@ def main() -> None:
               "calibration": {"source": "builtin", "samples": args.samples, "seq_len": args.seq_len, "seed": args.seed},
               "evaluation": {"data": "builtin eval split", "seq_len": args.seq_len,
                              "windows": dense["perplexity"]["windows"], "tokens": dense["perplexity"]["tokens"]},
-              "dense_forward_s": round(fwd, 2), "machine": {"cpu_count": os.cpu_count(),
-              "platform": platform.platform(), "python": platform.python_version()}, "rows": rows}
-    out_json.parent.mkdir(parents=True, exist_ok=True)
-    out_json.write_text(json.dumps(result, indent=1))
+              "dense_forward_s": round(fwd, 2), "rows": rows}
+    write_results(out_json, result)
     print(f"{'config':<32} {'ppl':>9} {'sparsity':>9} {'bytes':>6} {'prune s':>8} {'/2fwd':>6} {'RSS MB':>7}")
     for r in rows:
         print(f"{r['config']:<32} {r['perplexity']:>9.2f} {r['sparsity']:>9.3f} {r.get('bytes_ratio', 1):>6.3f} "

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
 from pathlib import Path
@@ -26,7 +24,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
-from quality import ROOT, sparsify  # noqa: E402  (bench scripts share the subprocess runner)
+from quality import ROOT, print_table, sparsify, write_results  # noqa: E402  (bench scripts share the subprocess runner)
 from trained_models import trained_vit_dir, write_digit_folder  # noqa: E402  (the tests' trained ViT)
 
 BLOCK_RUNS = [("uniform", "magnitude", []), ("uniform", "wanda", []), ("lpvit", "magnitude", []),
@@ -72,16 +70,11 @@ def main() -> None:
                     ["--method", "sparsegpt", "--scheme", "2:4", *quant, "--distill-steps", str(steps)])
     result = {"model": "tests/trained_models.py digits ViT", "training": record, "dense": dense,
               "block": args.block, "calibration": {"source": "builtin photos", "samples": args.samples, "seed": 0},
-              "evaluation": {"data": "held-out digits", "images": dense["images"]},
-              "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
-                          "python": platform.python_version()}, "rows": rows}
-    out_json.parent.mkdir(parents=True, exist_ok=True)
-    out_json.write_text(json.dumps(result, indent=1))
+              "evaluation": {"data": "held-out digits", "images": dense["images"]}, "rows": rows}
+    write_results(out_json, result)
     print(f"dense top-1 {dense['top1']:.3f} on {dense['images']} held-out digits")
-    print(f"{'config':<44} {'target':>6} {'top-1':>7} {'sparsity':>9} {'bytes':>6}")
-    for r in rows:
-        print(f"{r['config']:<44} {r['sparsity_target']:>6.2f} {r['top1']:>7.3f} {r['global_sparsity']:>9.4f} "
-              f"{r['bytes_ratio']:>6.3f}")
+    print_table(rows, [("config", "config", 44, ""), ("target", "sparsity_target", 6, ".2f"), ("top-1", "top1", 7, ".3f"),
+                       ("sparsity", "global_sparsity", 9, ".4f"), ("bytes", "bytes_ratio", 6, ".3f")])
     print(f"results -> {out_json}")
 
 

@@ -58,10 +58,10 @@ t = time.perf_counter(); stop = zeroth_order_scores(lm.model, blocks, groups, ob
 rel = max(abs(a - b) / max(abs(b), 1e-12) for g in fast for a, b in zip(fast[g], naive[g]))
 mean = lambda v: sum(v) / len(v)
 print(json.dumps({"groups": [g.name for g in groups], "samples_per_group": len(fast[groups[0].name]),
-                  "batched_s": round(fast_s, 2), "naive_s": round(naive_s, 2), "speedup": round(naive_s / fast_s, 3),
+                  "batched_s": round(fast_s, 4), "naive_s": round(naive_s, 4), "speedup": round(naive_s / fast_s, 3),
                   "max_rel_diff": rel, "scores_batched": {g: mean(v) for g, v in fast.items()},
                   "scores_naive": {g: mean(v) for g, v in naive.items()},
-                  "early_stop": {"rtol": 0.1, "min_samples": 8, "s": round(stop_s, 2),
+                  "early_stop": {"rtol": 0.1, "min_samples": 8, "s": round(stop_s, 4),
                                  "speedup_vs_naive": round(naive_s / stop_s, 3),
                                  "samples": {g: len(v) for g, v in stop.items()},
                                  "scores": {g: mean(v) for g, v in stop.items()}}}))

@@ -171,6 +171,7 @@ def export(
     opset: Optional[int] = typer.Option(None, help="ONNX opset (default: 21 for int4, 19 for fp8, else 18)."),
     verify: bool = typer.Option(True, help="Run the ONNX file with onnxruntime and compare with PyTorch."),
     tolerance: Optional[float] = typer.Option(None, help="Max relative error (max |onnx - torch| / max |torch|) allowed by --verify (default per dtype/quant)."),
+    kv_cache: bool = typer.Option(True, help="Causal LMs: one decoding step with past/present keys and values (checked by 16 greedy tokens); --no-kv-cache: logits of whole sequences."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ):
     """Export an artifact as ONNX or as a dense Hugging Face directory."""
@@ -182,7 +183,7 @@ def export(
     if onnx:
         from sparsify.exporters.onnx import export_onnx
 
-        result = export_onnx(artifact, output, opset=opset, verify=verify, tolerance=tolerance)
+        result = export_onnx(artifact, output, opset=opset, verify=verify, tolerance=tolerance, kv_cache=kv_cache)
     elif fmt == "hf-dense":
         from sparsify.exporters.hf_dense import export_hf_dense
 

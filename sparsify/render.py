@@ -73,13 +73,31 @@ def models_table(rows: list[dict]) -> list:
     return [t]
 
 
+def _collapse(names: list) -> list[str]:
+    """Per-layer graph names folded: past_key_values.0.key ... .29.key -> past_key_values.{0..29}.key."""
+    import re
+
+    out, seen = [], {}
+    for name in map(str, names):
+        m = re.fullmatch(r"(.*?)\.(\d+)\.(.*)", name)
+        key = (m.group(1), m.group(3)) if m else name
+        if key not in seen:
+            seen[key] = []
+            out.append(key)
+        if m:
+            seen[key].append(int(m.group(2)))
+    return [k if isinstance(k, str) else f"{k[0]}.{{{min(seen[k])}..{max(seen[k])}}}.{k[1]}" for k in out]
+
+
 def export_summary(r: dict) -> list:
     t = Table(show_header=False, title="sparsify export")
     for key, value in r.items():
         if isinstance(value, float):
             value = f"{value:.3g}"
+        elif key.startswith("greedy_") and isinstance(value, list):
+            value = " ".join(map(str, value))
         elif isinstance(value, (list, tuple)):
-            value = "\n".join(map(str, value))
+            value = "\n".join(_collapse(value))
         elif isinstance(value, dict):
             value = ", ".join(f"{k}={v}" for k, v in value.items())
         t.add_row(key.replace("_", " "), str(value))

@@ -17,7 +17,17 @@ from torch import nn
 
 from sparsify.errors import UserError
 
-_DEFAULTS = {"attention_mask": torch.ones_like, "token_type_ids": torch.zeros_like}
+_DEFAULTS = {"attention_mask": torch.ones_like, "token_type_ids": torch.zeros_like,
+             "position_ids": lambda ids: torch.arange(ids.shape[1]).expand(ids.shape[0], -1)}
+
+
+def _default(name: str, kind: str, shape: list, ids: torch.Tensor):
+    """A missing input for a whole-sequence run: ones / zeros / positions like ``ids``; an empty past (cache graphs)."""
+    if name in _DEFAULTS:
+        return _DEFAULTS[name](ids)
+    if name.startswith("past_key_values.") and len(shape) == 4 and all(isinstance(d, int) for d in shape[1::2]):
+        return torch.zeros(ids.shape[0], shape[1], 0, shape[3])  # (B, kv heads, 0 past tokens, width)
+    return None
 
 
 def ort_session(path: str | Path):
@@ -42,8 +52,9 @@ def ort_session(path: str | Path):
 class OnnxModel(nn.Module):
     """``model(**inputs)`` -> namespace of torch tensors named like the graph outputs (``.logits``, ...).
 
-    Inputs the graph lacks are ignored; a missing ``attention_mask`` / ``token_type_ids`` defaults to
-    ones / zeros shaped like ``input_ids``. Holds one empty parameter so that ``next(model.parameters())``
+    Inputs the graph lacks are ignored; a missing ``attention_mask`` / ``token_type_ids`` /
+    ``position_ids`` defaults to ones / zeros / 0..T-1 shaped like ``input_ids``, and a cache graph's
+    missing pasts to empty ones (a whole sequence from the start). Holds one empty parameter so that ``next(model.parameters())``
     (how evaluation code finds a model's device) works; outputs are always on the CPU.
     """
 
@@ -51,6 +62,7 @@ class OnnxModel(nn.Module):
         super().__init__()
         self.path, self.session = str(path), ort_session(path)
         self.input_types = {i.name: i.type for i in self.session.get_inputs()}
+        self.input_shapes = {i.name: i.shape for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.anchor = nn.Parameter(torch.zeros(0), requires_grad=False)
 
@@ -62,8 +74,8 @@ class OnnxModel(nn.Module):
         feeds = {}
         for name, kind in self.input_types.items():
             value = inputs.get(name)
-            if value is None and name in _DEFAULTS and "input_ids" in inputs:
-                value = _DEFAULTS[name](inputs["input_ids"])
+            if value is None and "input_ids" in inputs:
+                value = _default(name, kind, self.input_shapes[name], inputs["input_ids"])
             if value is None:
                 raise UserError(f"the ONNX model needs input {name!r}: pass it (inputs: {', '.join(self.input_types)})")
             value = torch.as_tensor(value).detach().cpu()

@@ -1,7 +1,11 @@
 """Export an artifact as ONNX, checked against PyTorch with onnxruntime before it is written.
 
 Per family, the graph takes / returns (batch and sequence axes dynamic; CLIP's two batches apart):
-  causal-lm         input_ids, attention_mask                  -> logits
+  causal-lm         input_ids, attention_mask[, position_ids], past_key_values.{i}.key / .value
+                                                               -> logits, present.{i}.key / .value
+                    (one decoding step with the KV cache, `onnx_kv`; checked by greedy generation of
+                    16 tokens against PyTorch. kv_cache=False, or a cache that is not per-layer keys
+                    and values: input_ids, attention_mask -> logits of whole sequences)
   encoder           input_ids, attention_mask[, token_type_ids] -> last_hidden_state
   image-classifier  pixel_values                               -> logits
   image-encoder     pixel_values                               -> last_hidden_state
@@ -28,6 +32,7 @@ from torch import nn
 from sparsify.atomic import atomic_dir
 from sparsify.errors import UserError
 from sparsify.exporters.artifact import copy_side_files, read_manifest
+from sparsify.exporters.onnx_kv import experts_for_export
 
 OPSETS = range(18, 24)
 PROTO_LIMIT = 2_000_000_000  # bytes: protobuf's hard limit for one file
@@ -50,9 +55,22 @@ class _Wrap(nn.Module):
         return (out.image_embeds, out.text_embeds) if self.output == "embeds" else getattr(out, self.output)
 
 
-def graph_io(loaded) -> tuple[nn.Module, list[str], dict[str, dict[int, str]]]:
-    """(wrapper module, output names, {input: {axis: dim name}}) for a loaded model's family."""
+def graph_io(loaded, kv_cache: bool = False) -> tuple[nn.Module, list[str], dict[str, dict[int, str]], str]:
+    """(wrapper module, output names, {input: {axis: dim name}}, why a causal LM has no cache graph or "").
+
+    ``kv_cache``: causal LMs get the one-step graph with past / present keys and values (`onnx_kv`)
+    when their cache allows it.
+    """
     family, model = loaded.family.name, loaded.model
+    if family == "causal-lm" and kv_cache:
+        from sparsify.exporters.onnx_kv import KVWrap, probe_cache
+
+        shape, why = probe_cache(model, sample_inputs(loaded, ["input_ids"]))
+        if shape is not None:
+            wrapper = KVWrap(model, shape).eval()
+            return wrapper, wrapper.outputs, wrapper.axes, ""
+    else:
+        why = ""
     if family in ("encoder", "image-encoder"):
         model = getattr(model, "base_model", model)
     text = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}}
@@ -67,7 +85,7 @@ def graph_io(loaded) -> tuple[nn.Module, list[str], dict[str, dict[int, str]]]:
         raise UserError(f"ONNX export does not support the {family} family: export causal-lm, encoder, "
                         "image-classifier, image-encoder or clip models, or use --format hf-dense")
     output, outputs, axes = known[family]
-    return _Wrap(model, output).eval(), outputs, axes
+    return _Wrap(model, output).eval(), outputs, axes, why
 
 
 def sample_inputs(loaded, names) -> dict[str, torch.Tensor]:
@@ -95,10 +113,30 @@ def sample_inputs(loaded, names) -> dict[str, torch.Tensor]:
     return {k: inputs[k] for k in names}
 
 
+def _io(wrapper, loaded, axes) -> tuple[dict, dict]:
+    """(verification inputs, trace inputs): other shapes, so that baked-in sizes fail the check.
+
+    The cache graph is traced after 3 cached tokens and checked on a prompt with none (then greedy
+    decoding checks one new token after many)."""
+    from sparsify.exporters.onnx_kv import KVWrap
+
+    if isinstance(wrapper, KVWrap):
+        text = sample_inputs(loaded, ["input_ids", "attention_mask"])
+        return wrapper.inputs(text, past=0), wrapper.inputs(_other_shapes(text), past=3)
+    inputs = sample_inputs(loaded, list(axes))
+    return inputs, _other_shapes(inputs)
+
+
+def _call(wrapper, inputs: dict):
+    from sparsify.exporters.onnx_kv import KVWrap
+
+    return wrapper(*inputs.values()) if isinstance(wrapper, KVWrap) else wrapper(**inputs)
+
+
 @torch.inference_mode()
 def _reference(wrapper, inputs, outputs) -> dict[str, torch.Tensor]:
     """Outputs of the artifact itself (packed SparseLinears; w8a8 rounds activations) as float32, by name."""
-    out = wrapper(**inputs)
+    out = _call(wrapper, inputs)
     return {n: o.float() for n, o in zip(outputs, out if isinstance(out, tuple) else (out,))}
 
 
@@ -106,17 +144,24 @@ def _trace(wrapper, inputs, outputs, axes, opset, tmp: Path):
     """Trace ``wrapper`` to an onnx_ir model (dynamo exporter; TorchScript exporter if that fails)."""
     import onnx_ir as ir
 
+    from sparsify.exporters.onnx_kv import KVWrap
+
     dims = {name: torch.export.Dim(name) for name in {d for a in axes.values() for d in a.values()}}
-    dynamic = {k: {ax: dims[d] for ax, d in axes[k].items()} for k in inputs}
+    if isinstance(wrapper, KVWrap):
+        (args, dynamic), kwargs = wrapper.export_args(inputs, axes, dims), {}
+        axes = {**axes, **wrapper.output_axes}
+    else:
+        args, kwargs = (), inputs
+        dynamic = {k: {ax: dims[d] for ax, d in axes[k].items()} for k in inputs}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            return torch.onnx.export(wrapper, (), kwargs=inputs, dynamo=True, input_names=list(inputs),
+            return torch.onnx.export(wrapper, args, kwargs=kwargs, dynamo=True, input_names=list(inputs),
                                      output_names=outputs, opset_version=opset, dynamic_shapes=dynamic,
                                      verbose=False).model
         except Exception:  # noqa: BLE001 - some graphs only go through the TorchScript exporter
             path = tmp / "traced.onnx"
-            torch.onnx.export(wrapper, (), str(path), kwargs=inputs, dynamo=False, input_names=list(inputs),
+            torch.onnx.export(wrapper, args, str(path), kwargs=kwargs, dynamo=False, input_names=list(inputs),
                               output_names=outputs, opset_version=opset, dynamic_axes=axes)
             model = ir.load(path)
             path.unlink()
@@ -148,7 +193,7 @@ def _target(artifact: Path, out_file) -> Path:
 
 
 def export_onnx(artifact_dir, out_file=None, *, opset: int | None = None, verify: bool = True,
-                tolerance: float | None = None, external_data: bool | None = None) -> dict:
+                tolerance: float | None = None, external_data: bool | None = None, kv_cache: bool = True) -> dict:
     """Export ``artifact_dir`` as ONNX; returns files, sizes, errors vs PyTorch and the tolerance.
 
     Args:
@@ -156,6 +201,8 @@ def export_onnx(artifact_dir, out_file=None, *, opset: int | None = None, verify
         opset: 18-23 (default and minimum: 21 for int4, 19 for fp8, else 18).
         tolerance: max relative error (max |onnx - torch| / max |torch|) allowed; default by dtype / quant.
         external_data: weights in ``FILE.data``; None: only when the model exceeds 2 GB.
+        kv_cache: causal LMs as one decoding step with past / present keys and values (`onnx_kv`),
+            checked by greedy generation of 16 tokens against PyTorch; False: logits of whole sequences.
     """
     artifact = Path(artifact_dir).resolve()
     manifest = read_manifest(artifact)
@@ -170,10 +217,10 @@ def export_onnx(artifact_dir, out_file=None, *, opset: int | None = None, verify
 
     out = _target(artifact, out_file)
     with progress.bar("ONNX export", total=5 if verify else 4) as step, progress.quiet():
-        return _export(artifact, out, opset, verify, tolerance, external_data, step)
+        return _export(artifact, out, opset, verify, tolerance, external_data, kv_cache, step)
 
 
-def _export(artifact: Path, out: Path, opset: int, verify: bool, tolerance, external_data, step) -> dict:
+def _export(artifact: Path, out: Path, opset: int, verify: bool, tolerance, external_data, kv_cache, step) -> dict:
     """`export_onnx` after its checks; ``step(n, label)`` reports progress (load, trace, quantize, save, verify)."""
     from sparsify.eval.onnx_model import compare_with
     from sparsify.exporters.onnx_quant import collect_weights, estimate_bytes, quantize_graph
@@ -183,35 +230,69 @@ def _export(artifact: Path, out: Path, opset: int, verify: bool, tolerance, exte
     step(0, "loading the artifact" + (" and running it in PyTorch" if verify else ""))
     loaded, manifest = load_artifact(artifact)
     quant = manifest.get("quant") or {}
-    wrapper, outputs, axes = graph_io(loaded)
+    wrapper, outputs, axes, no_cache = graph_io(loaded, kv_cache)
     weights = collect_weights(loaded.model, manifest)
-    inputs = sample_inputs(loaded, list(axes))
+    inputs, trace_inputs = _io(wrapper, loaded, axes)
     reference = _reference(wrapper, inputs, outputs) if verify else None
+    greedy_ref = _greedy_reference(wrapper, inputs) if verify else None
     densify(loaded.model).float()
+    experts_for_export(loaded.model)
+    shape = getattr(wrapper, "shape", None)  # a cache graph: [kv heads, key width, value width] per layer
+    cache_layers = None if shape is None else [list(x) for x in shape.layers]
     if external_data is False and (size := estimate_bytes(loaded.model, weights)) > PROTO_LIMIT:
         raise UserError(f"the model's weights take {size / 1e9:.2f} GB, above ONNX's 2 GB limit for one file: "
                         "allow external data (drop --no-external-data)")
     with atomic_dir(out.parent, merge=True) as tmp:
         step(1, "tracing the graph")
-        onnx_model = _trace(wrapper, _other_shapes(inputs), outputs, axes, opset, tmp)  # an onnx_ir Model
+        onnx_model = _trace(wrapper, trace_inputs, outputs, axes, opset, tmp)  # an onnx_ir Model
         step(1, "storing quantized weights")
         layers = quantize_graph(onnx_model, weights, opset)
         targets = {m: [layer["initializer"], layer["layout"]] for m, layer in layers.items()}
         onnx_model.metadata_props.update({"sparsify.artifact": str(artifact), "sparsify.family": loaded.family.name,
                                           "sparsify.quant": quant.get("kind") or "none",
-                                          "sparsify.targets": json.dumps(targets)})
+                                          "sparsify.targets": json.dumps(targets),
+                                          "sparsify.kv_cache": json.dumps(cache_layers)})
         name, default_tol = _name_and_tolerance(manifest)
         step(1, "saving")
         result = {"onnx": str(out), "family": loaded.family.name, "opset": opset, "quant": name,
-                  "inputs": list(axes), "outputs": outputs, **_save(onnx_model, tmp / out.name, layers, external_data)}
+                  "inputs": list(axes), "outputs": outputs, "kv_cache": cache_layers is not None,
+                  **({"kv_cache_note": f"no cache graph: {no_cache}"} if no_cache else {}),
+                  **_save(onnx_model, tmp / out.name, layers, external_data)}
         if verify:  # on other shapes than the trace saw, so baked-in sizes fail here
             step(1, "checking it with onnxruntime")
             tol = default_tol if tolerance is None else tolerance
             result.update(compare_with(tmp / out.name, inputs, reference, tol))
+            if greedy_ref is not None:
+                result.update(_check_greedy(tmp / out.name, wrapper, greedy_ref, tol))
         else:
             result["verified"] = False
         result["side_files"] = _check_side_files(tmp, copy_side_files(artifact, tmp), out.parent)
     step(1, "done")
+    return result
+
+
+@torch.inference_mode()
+def _greedy_reference(wrapper, inputs: dict):
+    """The artifact's own greedy continuation of the first sample sentence (cache graphs only)."""
+    from sparsify.exporters.onnx_kv import KVWrap, greedy
+
+    if not isinstance(wrapper, KVWrap):
+        return None
+    prompt = inputs["input_ids"][:1, : int(inputs["attention_mask"][0].sum())]  # (1, T) unpadded
+    return (*greedy(wrapper.step, prompt, wrapper.shape.empty(1)), prompt)
+
+
+def _check_greedy(path: Path, wrapper, reference, tolerance: float) -> dict:
+    """Greedy decoding through onnxruntime with its own cache, token for token against PyTorch."""
+    from sparsify.eval.onnx_model import ort_session
+    from sparsify.exporters.onnx_kv import compare_greedy, greedy, ort_step
+
+    tokens, _ = greedy(ort_step(ort_session(path), wrapper.shape), reference[2], wrapper.shape.empty(1))
+    result = compare_greedy(reference[:2], tokens, tolerance)
+    if not result["greedy_match"] and not result["greedy_tie"]:
+        raise UserError(f"greedy generation through onnxruntime differs from PyTorch at token "
+                        f"{result['greedy_first_difference'] + 1} of {len(tokens)} (PyTorch prefers its token by "
+                        f"{result['greedy_margin']:.3g}); nothing was written. Pass --no-verify to keep it anyway")
     return result
 
 

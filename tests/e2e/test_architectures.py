@@ -178,13 +178,18 @@ def test_wanda_matches_sequential_reference(sources, arch, tmp_path):
         assert result["task"] == "agreement" and -1 <= agreement["cosine"] <= 1 + 1e-6
 
 
-@pytest.mark.parametrize("arch,output", [("gpt2", "logits"), ("dinov2", "last_hidden_state")])
+@pytest.mark.parametrize("arch,output", [("gpt2", "logits"), ("falcon", "logits"), ("mixtral", "logits"),
+                                         ("gemma2", "logits"), ("dinov2", "last_hidden_state")])
 def test_onnx_export(sources, arch, output, tmp_path):
-    """Conv1D targets (GPT-2) and an image backbone (DINOv2) export to ONNX, checked by onnxruntime on export."""
+    """Conv1D targets (GPT-2), an image backbone (DINOv2) and decoders with the KV cache (Falcon's fused
+    attention, Mixtral's experts, Gemma-2's sliding window, shorter than prompt + 16 tokens) export to
+    ONNX, checked by onnxruntime on export (decoders: greedy generation of 16 tokens, token for token)."""
     pytest.importorskip("onnxruntime")
     from sparsify.exporters.onnx import export_onnx
 
     manifest = _prune(sources[arch], tmp_path / "out", "magnitude", "2:4")
     result = export_onnx(tmp_path / "out", tmp_path / "onnx" / "model.onnx")
-    assert result["verified"] and result["outputs"] == [output]
+    assert result["verified"] and result["outputs"][0] == output
+    if output == "logits":
+        assert result["kv_cache"] and result["greedy_match"] and len(result["outputs"]) == 1 + 2 * 2
     assert result["targeted"] == manifest["totals"]["targets"]

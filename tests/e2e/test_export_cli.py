@@ -133,6 +133,7 @@ def test_smollm2_24_int8_onnx(tmp_path):
     r = cli_json("export", art, "--onnx", "-o", tmp_path / "onnx" / "model.onnx")
     assert r["verified"] and r["targeted"] == 30 * 7 and r["targeted_bytes"] <= 0.26 * r["targeted_fp32_bytes"]
     assert r["total_bytes"] < 0.6 * r["fp32_dense_bytes"], r  # the whole file against an fp32 dense export
+    assert r["kv_cache"] and len(r["inputs"]) == 3 + 2 * 30 and r["greedy_match"], r  # 16 greedy tokens as PyTorch
     m = onnx.load(str(tmp_path / "onnx" / "model.onnx"))
     inits = {i.name: i for i in m.graph.initializer}
     dq = [n for n in m.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]

@@ -1,4 +1,4 @@
-"""bench/kernels.py stays runnable: its CPU smoke mode under the interpreter, output to tmp_path."""
+"""bench/kernel_speed.py stays runnable: its CPU smoke mode under the interpreter, output to tmp_path."""
 from __future__ import annotations
 
 import importlib.util
@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def test_cpu_smoke(tmp_path):
-    path = Path(__file__).resolve().parents[2] / "bench" / "kernels.py"
+    path = Path(__file__).resolve().parents[2] / "bench" / "kernel_speed.py"
     spec = importlib.util.spec_from_file_location("bench_kernels", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

@@ -9,8 +9,11 @@ dtype), and the bytes limit dense weight bytes / packed weight bytes: the ceilin
 kernel (Triton has no sparse tensor-core instruction). The table sets the dispatch thresholds in
 sparsify/kernels/__init__.py (TRITON_MAX_TOKENS).
 
-    python bench/kernels.py                 # on a GPU: the full table -> bench/results/kernels_<gpu>.json
-    python bench/kernels.py --cpu-smoke     # no GPU (automatic then): one tiny size under TRITON_INTERPRET=1
+    python bench/kernel_speed.py                 # on a GPU: the full table -> bench/results/kernels_<gpu>.json
+    python bench/kernel_speed.py --cpu-smoke     # no GPU (automatic then): one tiny size under TRITON_INTERPRET=1
+
+Not named bench/kernels.py: run as a script, bench/ comes first on sys.path, and that name would
+shadow the ``kernels`` package transformers imports when it finds one.
 """
 from __future__ import annotations
 

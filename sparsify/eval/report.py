@@ -83,7 +83,8 @@ def plot_sparsity(result: dict, path: Path) -> Path:
 
 
 def write_report(result: dict, out_dir: str | Path) -> list[Path]:
-    """Write ``eval.json`` and ``sparsity.png`` into ``out_dir`` (created if missing); returns both paths."""
+    """Write ``eval.json``, ``sparsity.png`` and, after an allocator, ``allocation.png`` into ``out_dir``
+    (created if missing); returns the paths."""
     _pyplot()  # fail on a missing matplotlib before writing anything
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -91,4 +92,9 @@ def write_report(result: dict, out_dir: str | Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     js = out / "eval.json"
     js.write_text(json.dumps(result, indent=1, default=str) + "\n")
-    return [js, plot_sparsity(result, out / "sparsity.png")]
+    written = [js, plot_sparsity(result, out / "sparsity.png")]
+    if result.get("allocation"):  # an allocator's per-group sparsity and scores
+        from sparsify.eval.allocation import plot_allocation
+
+        written.append(plot_allocation(result["allocation"], out / "allocation.png", _pyplot()))
+    return written

@@ -213,6 +213,10 @@ def evaluate(arg: str, *, task: str | None = None, data: str | None = None, base
         result["baseline"] = _baseline(loaded, result, opts, source)
     result["size"] = _measured_sparsity(loaded, manifest)
     if manifest is not None:
+        from sparsify.eval.allocation import allocation_summary
+
         result["bytes"] = size_summary(manifest)
+        if (allocation := allocation_summary(manifest)) is not None:
+            result["allocation"] = allocation
         result["note"] = cpu_note(device, True)
     return result

@@ -174,8 +174,13 @@ def _footer(m: dict) -> Text:
 
 
 def info_table(manifest: dict) -> list:
-    """`sparsify info`: the run's header, a per-tensor table with totals, and the files' bytes."""
-    return [_header(manifest), _tensor_table(manifest), _footer(manifest)]
+    """`sparsify info`: the run's header, the allocation per group (if any), a per-tensor table with
+    totals, and the files' bytes."""
+    from sparsify.eval.allocation import allocation_summary, allocation_table
+
+    summary = allocation_summary(manifest)
+    return [_header(manifest), *([allocation_table(summary)] if summary else []), _tensor_table(manifest),
+            _footer(manifest)]
 
 
 METRIC_LABELS = {"kl": "KL(baseline||this) {:.4f} nats/token", "top1": "same top-1 {:.1%}"}

@@ -41,7 +41,13 @@ def test_ecoflap_first_order_blocks_saved_and_reused(llama, tmp_path):
     kept = sum(int((w != 0).sum()) for w in weights.values())
     assert abs(kept - round(0.3 * numel)) <= len(weights) * 64  # per-row rounding only (64-wide rows at most)
     info = cli("info", out).stdout
-    assert "ecoflap" in info
+    assert "ecoflap allocation, target 70.0%, cap 80.0%" in info
+    share = groups[hi]["score"] / sum(g["score"] for g in groups.values())
+    row = next(line for line in info.splitlines() if line.strip().startswith(hi))  # group, sparsity, score, share
+    assert f"{groups[hi]['sparsity']:.1%}" in row and f"{share:.1%}" in row
+    r = cli_json("eval", out, "--no-baseline", "--windows", "1", "--seq-len", "16", "--report", tmp_path / "rep")
+    assert r["allocation"]["groups"][hi]["share"] == pytest.approx(share)
+    assert (tmp_path / "rep" / "allocation.png").stat().st_size > 1000
     again = tmp_path / "again"
     cli("prune", llama, "--plan", saved, "-o", again, *SMALL_CALIB)
     b = dense_weights(again)

@@ -1,14 +1,17 @@
-"""ECoFLaP benchmark: ECoFLaP(first order) + Wanda against uniform Wanda and OWL + Wanda on SmolLM2-135M.
+"""ECoFLaP benchmark: ECoFLaP (first order) against uniform and OWL allocation, with Wanda and SparseGPT, on SmolLM2-135M.
 
 Same protocol as bench/quality.py and bench/allocation.py (built-in encyclopedia text: 64 x 512
-calibration tokens, 32 x 512 held-out tokens that never overlap them, fp32 on CPU). For each target
-sparsity, one run per allocation (uniform, owl, ecoflap with its defaults: block groups, first-order
-scores, S_max = S + 0.1), each as its own `sparsify prune` process, then `sparsify eval`. The scores do
-not depend on the sparsity: the first ECoFLaP run computes them and writes them to a scores file
-(``--allocation-arg scores_file=...``), the later ones read them (``scores_reused``), so the first
-ECoFLaP row's prune time is the whole cost and the later rows' are allocation + pruning only. Reports
-held-out perplexity, the ratios to uniform and to OWL, the realised global sparsity (from the packed
-weights), the prune wall time, ECoFLaP's scoring time and the per-block sparsities it chose.
+calibration tokens, 32 x 512 held-out tokens that never overlap them, fp32 on CPU). Each variant
+``METHOD:ALLOCATION[/FLAG=VALUE...][@TARGETS]`` (`DEFAULT_VARIANTS`: uniform, OWL and ECoFLaP with
+Wanda at every target; ECoFLaP scored on 16 sequences, and with S_max = S + 0.2, at 60% and 70%;
+uniform and ECoFLaP with SparseGPT at 60% and 70%) runs as its own `sparsify prune` process, then
+`sparsify eval`. ECoFLaP's defaults: block groups, first-order scores over every calibration
+sequence, S_max = S + 0.1. The scores do not depend on the sparsity nor on the local method: the
+first ECoFLaP run with a given number of score samples writes them to a scores file
+(``--allocation-arg scores_file=...``) and the later ones read them (``scores_reused``); their
+``prune_with_scoring_s`` adds the scoring back, the cost of running them alone. Reports held-out
+perplexity, the ratios to the same method's uniform and OWL rows, the time against uniform Wanda's,
+the realised global sparsity (from the packed weights), and the per-block sparsities and scores.
 
 Zeroth-order speed (``--zo-blocks``, a subset of the block groups, on the first ``--zo-samples``
 calibration sequences): the batched, cached estimator against the naive loop (weights perturbed in
@@ -18,7 +21,7 @@ difference of the estimates; then the batched estimator once more with its defau
 
     python bench/ecoflap.py                                   # the committed run
     python bench/ecoflap.py --model DIR --samples 4 --seq-len 64 --windows 2 --sparsities 0.7 \\
-        --zo-blocks 0,1 --zo-samples 2 --out /tmp/e.json
+        --variants wanda:uniform,wanda:ecoflap --zo-blocks 0,1 --zo-samples 2 --out /tmp/e.json
 """
 from __future__ import annotations
 
@@ -76,10 +79,42 @@ def zeroth_order_timing(model: str, samples: int, seq_len: int, seed: int, block
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+DEFAULT_VARIANTS = ("wanda:uniform,wanda:owl,wanda:ecoflap,wanda:ecoflap/score-samples=16@0.6+0.7,"
+                    "wanda:ecoflap/max-sparsity=+0.2@0.6+0.7,sparsegpt:uniform@0.6+0.7,sparsegpt:ecoflap@0.6+0.7")
+
+
+def parse_variant(text: str) -> dict:
+    """``METHOD:ALLOCATION[/FLAG=VALUE...][@S+S...]`` -> {method, allocation, flags, sparsities or None, label}.
+
+    ``max-sparsity=+0.2`` is relative to each target; ``@0.6+0.7`` runs the variant at those targets only.
+    """
+    head, _, only = text.partition("@")
+    spec, *flags = head.split("/")
+    method, _, allocation = spec.partition(":")
+    return {"method": method, "allocation": allocation or "uniform", "label": head,
+            "flags": [tuple(f.split("=", 1)) for f in flags],
+            "sparsities": [float(x) for x in only.split("+")] if only else None}
+
+
+def variant_flags(v: dict, s: float, scores_dir: Path) -> list[str]:
+    """Variant ``v``'s prune flags at target ``s``; ECoFLaP variants with the same score samples share one scores file."""
+    out = []
+    for key, value in v["flags"]:
+        out += [f"--{key}", str(round(s + float(value), 4)) if value.startswith("+") else value]
+    if v["allocation"] == "ecoflap":
+        out += ["--allocation-arg", f"scores_file={scores_dir / f'scores-{score_samples(v)}.json'}"]
+    return out
+
+
+def score_samples(v: dict) -> str:
+    return dict(v["flags"]).get("score-samples", "all")
+
+
 def main() -> None:
     ap = protocol_parser(__doc__)
     ap.add_argument("--sparsities", default="0.5,0.6,0.7")
-    ap.add_argument("--allocations", default="uniform,owl,ecoflap")
+    ap.add_argument("--variants", default=DEFAULT_VARIANTS,
+                    help="comma list of METHOD:ALLOCATION[/FLAG=VALUE...][@S+S...] (see parse_variant)")
     ap.add_argument("--zo-blocks", default="0,10,20,29", help="block groups timed zeroth order ('' to skip)")
     ap.add_argument("--zo-samples", type=int, default=8, help="calibration sequences of the zeroth-order timing")
     ap.add_argument("--out", default=None)
@@ -87,58 +122,79 @@ def main() -> None:
     out_json, calib, ev = protocol(args, "ecoflap")
     dense = sparsify("eval", args.model, *ev)["perplexity"]
     rows = []
-    result = {"model": args.model, "method": "wanda",
+    variants = [parse_variant(v) for v in args.variants.split(",")]
+    result = {"model": args.model, "variants": [v["label"] for v in variants],
               "allocations": {"owl": {"m": 5.0, "lam": 0.08, "groups": "block"},
                               "ecoflap": {"score": "first", "group": "block", "aggregation": "sum",
-                                          "max_sparsity": "target + 0.1"}},
+                                          "max_sparsity": "target + 0.1 unless the variant says",
+                                          "score_samples": "every calibration sequence unless the variant says"}},
               "calibration": {"source": "builtin", "samples": args.samples, "seq_len": args.seq_len, "seed": args.seed},
               "evaluation": {"data": "builtin eval split", "seq_len": args.seq_len, "windows": dense["windows"],
                              "tokens": dense["tokens"]},
               "dense_perplexity": dense["perplexity"], "rows": rows}
     with tempfile.TemporaryDirectory() as tmp:
         for s in (float(x) for x in args.sparsities.split(",")):
-            for allocation in args.allocations.split(","):
-                out = Path(tmp) / f"{allocation}-{s}"
-                extra = ["--allocation-arg", f"scores_file={Path(tmp) / 'scores.json'}"] if allocation == "ecoflap" else []
-                m = sparsify("prune", args.model, "--method", "wanda", "--sparsity", str(s),
-                             "--allocation", allocation, "-o", str(out), *calib, *extra)
+            for v in variants:
+                if v["sparsities"] is not None and not any(abs(s - x) < 1e-9 for x in v["sparsities"]):
+                    continue
+                out = Path(tmp) / f"run-{len(rows)}"
+                m = sparsify("prune", args.model, "--method", v["method"], "--sparsity", str(s),
+                             "--allocation", v["allocation"], "-o", str(out), *calib, *variant_flags(v, s, Path(tmp)))
                 ppl = sparsify("eval", str(out), *ev, "--no-baseline")["perplexity"]["perplexity"]
                 alloc = m.get("allocation") or {}
                 groups = alloc.get("groups", {})
-                rows.append({"sparsity_target": s, "allocation": allocation, "perplexity": ppl,
+                rows.append({"sparsity_target": s, "method": v["method"], "allocation": v["allocation"],
+                             "variant": v["label"], "score_samples": score_samples(v), "perplexity": ppl,
                              "global_sparsity": m["totals"]["sparsity"], "prune_s": m["timing"]["prune_s"],
                              "score_s": alloc.get("score_s"), "scores_reused": "scores_from" in alloc,
-                             "peak_rss_mb": m["timing"]["peak_rss_mb"],
+                             "max_sparsity": alloc.get("max_sparsity"), "peak_rss_mb": m["timing"]["peak_rss_mb"],
                              "block_sparsity": {b: round(g["sparsity"], 4) for b, g in groups.items()},
                              "block_score": {b: g["score"] for b, g in groups.items()}})
                 print(json.dumps({k: v for k, v in rows[-1].items() if not k.startswith("block")}), file=sys.stderr)
+                compare(rows)
+                write_results(out_json, result)  # each row survives a later failure
                 shutil_rm(out)
-    for r in rows:
-        same = [u for u in rows if u["sparsity_target"] == r["sparsity_target"]]
-        for ref in ("uniform", "owl"):
-            base = next((u for u in same if u["allocation"] == ref), None)
-            if base:
-                r[f"ratio_vs_{ref}"] = round(r["perplexity"] / base["perplexity"], 4)
-                r[f"time_vs_{ref}"] = round(r["prune_s"] / base["prune_s"], 3)
-        r["sparsity_error"] = round(r["global_sparsity"] - r["sparsity_target"], 5)
+    compare(rows)
     write_results(out_json, result)  # the rows survive a failure of the timing below
     if args.zo_blocks:
         result["zeroth_order_timing"] = zeroth_order_timing(args.model, args.zo_samples, args.seq_len, args.seed,
                                                             args.zo_blocks)
         write_results(out_json, result)
     print(f"dense perplexity {dense['perplexity']:.2f}")
-    print(f"{'target':>6} {'allocation':<10} {'ppl':>9} {'vs uniform':>10} {'vs owl':>7} {'global sparsity':>16} "
-          f"{'prune s':>8} {'score s':>8}")
+    print(f"{'target':>6} {'variant':<40} {'ppl':>9} {'vs uniform':>10} {'vs owl':>7} {'sparsity':>9} "
+          f"{'prune s':>8} {'score s':>8} {'x wanda':>8}")
     for r in rows:
-        print(f"{r['sparsity_target']:>6.2f} {r['allocation']:<10} {r['perplexity']:>9.2f} "
+        print(f"{r['sparsity_target']:>6.2f} {r['variant']:<40} {r['perplexity']:>9.2f} "
               f"{r.get('ratio_vs_uniform', float('nan')):>10.3f} {r.get('ratio_vs_owl', float('nan')):>7.3f} "
-              f"{r['global_sparsity']:>16.4f} {r['prune_s']:>8.1f} {r['score_s'] or 0:>8.1f}")
+              f"{r['global_sparsity']:>9.4f} {r['prune_s']:>8.1f} {r['score_s'] or 0:>8.1f} "
+              f"{r.get('time_vs_uniform_wanda', float('nan')):>8.2f}")
     if "zeroth_order_timing" in result:
         z = result["zeroth_order_timing"]
         print(f"zeroth order, {len(z['groups'])} block groups x {z['samples_per_group']} sequences: batched+cached "
               f"{z['batched_s']:.1f} s, naive loop {z['naive_s']:.1f} s ({z['speedup']:.2f}x), max relative "
               f"difference {z['max_rel_diff']:.1e}; with early stop {z['early_stop']['s']:.1f} s")
     print(f"results -> {out_json}")
+
+
+def compare(rows: list[dict]) -> None:
+    """Ratios to the same method's uniform and OWL rows at the same target, and time against uniform Wanda's.
+
+    A row whose ECoFLaP scores were read from an earlier row's file is also timed with that scoring
+    added (``prune_with_scoring_s``): what a user pays running it alone.
+    """
+    scoring = {r["score_samples"]: r["score_s"] for r in rows if r["allocation"] == "ecoflap" and not r["scores_reused"]}
+    for r in rows:
+        if r["allocation"] == "ecoflap":
+            r["prune_with_scoring_s"] = r["prune_s"] + (scoring.get(r["score_samples"], 0.0) if r["scores_reused"] else 0.0)
+        same = [u for u in rows if u["sparsity_target"] == r["sparsity_target"]]
+        for ref in ("uniform", "owl"):
+            base = next((u for u in same if u["allocation"] == ref and u["method"] == r["method"]), None)
+            if base:
+                r[f"ratio_vs_{ref}"] = round(r["perplexity"] / base["perplexity"], 4)
+        wanda = next((u for u in same if u["variant"] == "wanda:uniform"), None)
+        if wanda:
+            r["time_vs_uniform_wanda"] = round(r.get("prune_with_scoring_s", r["prune_s"]) / wanda["prune_s"], 3)
+        r["sparsity_error"] = round(r["global_sparsity"] - r["sparsity_target"], 5)
 
 
 def shutil_rm(path: Path) -> None:

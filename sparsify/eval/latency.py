@@ -120,4 +120,7 @@ def bench(artifact: str, *, token_counts=(1, 16, 128), prompt_len: int = 128, de
     t = manifest["totals"]
     return {"artifact": str(artifact), "device": device, "torch_threads": torch.get_num_threads(),
             "layers": layers, "forward": forward, "forward_speedup": ratios,
-            "bytes_limit": t["dense_bytes"] / max(1, t["packed_bytes"]), "note": cpu_note(device, True)}
+            "bytes_limit": t["dense_bytes"] / max(1, t["packed_bytes"]), "note": cpu_note(device, True),
+            # memory the dispatch holds beside the packed weights (dense-cached / semi-structured copies),
+            # and whether its GPU token thresholds come from a measurement
+            "dispatch_cache_bytes": kernels.cache_bytes(), "thresholds_measured": kernels.THRESHOLDS_MEASURED}

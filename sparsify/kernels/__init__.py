@@ -19,10 +19,12 @@ from sparsify.kernels import reference
 
 MODES = ("reference", "triton", "auto")
 TRITON_M = (2, 4, 8, 16)  # group sizes the Triton kernels take
-# Largest token count at which our Triton kernel is used on CUDA, per weight kind. These numbers are
-# placeholders (no GPU when they were set): they MUST be replaced by the crossovers bench/kernels.py
-# measures (the token count where "ours" stops beating semi-structured / dense).
+# Largest token count at which our Triton kernel is used on CUDA, per weight kind. UNMEASURED: these
+# are placeholders (no GPU when they were set) until bench/kernel_speed.py's crossovers (the token
+# count where "ours" stops beating semi-structured / dense) replace them; THRESHOLDS_MEASURED says so.
 TRITON_MAX_TOKENS = {"float": 64, "int8": 256, "int4": 256, "fp8": 256, "w8a8": 4096}
+THRESHOLDS_MEASURED = False
+FP8_CAPABILITY = (8, 9)  # Ada / Hopper and newer: the first GPUs with fp8 conversion in hardware
 TRITON_PATH = {"float": "triton-nm", "int8": "triton-nm-wq", "int4": "triton-nm-wq", "fp8": "triton-nm-wq",
                "w8a8": "triton-w8a8"}
 SEMI_DTYPES = (torch.float16, torch.bfloat16)
@@ -38,6 +40,11 @@ def semi_structured_available(device: torch.device) -> bool:
     """torch's 2:4 sparse matmul needs CUDA on sm80+ (Ampere, Hopper)."""
     return (hasattr(torch.sparse, "to_sparse_semi_structured") and device.type == "cuda"
             and torch.cuda.get_device_capability(device)[0] >= 8)
+
+
+def fp8_supported(device: torch.device) -> bool:
+    """Triton's fp8 (e4m3) loads and conversions need compute capability 8.9+."""
+    return device.type == "cuda" and tuple(torch.cuda.get_device_capability(device)) >= FP8_CAPABILITY
 
 
 def _mode() -> str:
@@ -68,6 +75,8 @@ def kernel_name(x: torch.Tensor, fmt: str, attrs: dict) -> str:
         return path
     if x.device.type != "cuda":
         return "reference"
+    if kind == "fp8" and not fp8_supported(x.device):
+        path = None  # older GPUs: the dense weight, dequantized once, instead of a kernel that cannot run
     tokens = x.numel() // x.shape[-1]
     if path is not None and tokens <= TRITON_MAX_TOKENS[kind]:
         return path
@@ -86,6 +95,19 @@ def _cached(anchor: torch.Tensor, tag, build):
     return _CACHE[key]
 
 
+def cache_bytes() -> dict[str, int]:
+    """Bytes the dispatch holds beside the packed weights, by kind ("dense", "semi"): the memory a
+    dense-cached path (bitmask, bsr, large token counts) or a semi-structured weight costs."""
+    out: dict[str, int] = {}
+    for (_, _, tag), w in list(_CACHE.items()):
+        if w is None:
+            continue
+        parts = [w] if isinstance(w, torch.Tensor) and w.layout == torch.strided else [
+            t for t in (getattr(w, a, None) for a in ("packed", "meta")) if isinstance(t, torch.Tensor)]
+        out[tag[0]] = out.get(tag[0], 0) + sum(t.numel() * t.element_size() for t in parts)
+    return out
+
+
 def _dense_weight(x, fmt, tensors, attrs) -> torch.Tensor:
     from sparsify import formats
 
@@ -100,9 +122,11 @@ def _dense_cached(x, fmt, tensors, attrs, bias):
 
 
 def _semi_structured(x, fmt, tensors, attrs, bias):
-    def build():
+    from sparsify import formats
+
+    def build():  # from a transient dense copy, never the cached one: only the compressed weight stays
         try:
-            return torch.sparse.to_sparse_semi_structured(_dense_weight(x, fmt, tensors, attrs))
+            return torch.sparse.to_sparse_semi_structured(formats.unpack(fmt, tensors, attrs).to(x.dtype))
         except (RuntimeError, ValueError):  # shape / dtype cuSPARSELt refuses: the dense weight instead
             return None
 

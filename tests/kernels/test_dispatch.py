@@ -53,6 +53,7 @@ def test_bad_mode_and_triton_without_interpreter(monkeypatch):
 def test_cuda_table(monkeypatch, kind, semi):
     monkeypatch.setenv("SPARSIFY_KERNELS", "auto")
     monkeypatch.setattr(kernels, "semi_structured_available", lambda device: semi)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # an fp8 GPU
     attrs, limit = {**NM, **KINDS[kind]}, kernels.TRITON_MAX_TOKENS[kind]
     assert kernels.kernel_name(fake_x(1), "nm", attrs) == kernels.TRITON_PATH[kind]
     assert kernels.kernel_name(fake_x(limit), "nm", attrs) == kernels.TRITON_PATH[kind]
@@ -61,6 +62,65 @@ def test_cuda_table(monkeypatch, kind, semi):
     assert kernels.kernel_name(fake_x(limit + 1, dtype=torch.float32), "nm", attrs) == "dense-cached"
     assert kernels.kernel_name(fake_x(limit + 1), "nm", {**attrs, "n": 4, "m": 8}) == "dense-cached"
     assert kernels.kernel_name(fake_x(1), "bitmask", {"shape": [8, 16]}) == "dense-cached"
+
+
+@pytest.mark.parametrize("capability,want", [((8, 0), "dense-cached"), ((8, 6), "dense-cached"),
+                                              ((8, 9), "triton-nm-wq"), ((9, 0), "triton-nm-wq")])
+def test_fp8_kernel_only_where_the_gpu_has_fp8(monkeypatch, capability, want):
+    monkeypatch.setenv("SPARSIFY_KERNELS", "auto")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert kernels.kernel_name(fake_x(1), "nm", {**NM, "quant": "fp8"}) == want
+    assert kernels.kernel_name(fake_x(1), "nm", {**NM, "quant": "int8"}) == "triton-nm-wq"  # others unchanged
+    assert not kernels.THRESHOLDS_MEASURED  # until a GPU run of bench/kernel_speed.py sets them
+
+
+def test_semi_structured_keeps_no_dense_copy(monkeypatch):
+    """The semi-structured weight is built from a transient dense copy: the cache holds it alone."""
+    formats = pytest.importorskip("sparsify.formats")
+    w = R.random_nm_weight(8, 16, 2, 4, seed=4)
+    tensors, attrs = formats.pack("nm", w, n=2, m=4)
+    built = []
+
+    class Semi:  # stands in for torch's SparseSemiStructuredTensor (CUDA only)
+        def __init__(self, dense):
+            built.append(dense)
+            self.packed, self.meta = dense[:, ::2].clone(), torch.zeros(8, 1, dtype=torch.int16)
+
+    monkeypatch.setattr(torch.sparse, "to_sparse_semi_structured", Semi)
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda x, weight, bias=None: x @ w.T)
+    kernels._CACHE.clear()
+    kernels.IMPLS["semi-structured"](torch.randn(3, 16), "nm", tensors, attrs, None)
+    assert len(built) == 1 and torch.equal(built[0], w)
+    assert [tag for (_, _, tag) in kernels._CACHE] == [("semi", torch.float32)]  # no ("dense", ...) entry
+    assert kernels.cache_bytes() == {"semi": 8 * 8 * 4 + 8 * 2}
+    kernels._CACHE.clear()
+
+
+def test_dense_cache_states_its_bytes():
+    formats = pytest.importorskip("sparsify.formats")
+    w = R.random_nm_weight(8, 16, 2, 4, seed=5)
+    tensors, attrs = formats.pack("bitmask", w)
+    kernels._CACHE.clear()
+    kernels.IMPLS["dense-cached"](torch.randn(2, 16, dtype=torch.float16), "bitmask", tensors, attrs, None)
+    assert kernels.cache_bytes() == {"dense": 8 * 16 * 2}  # (out, in) fp16: what a bitmask weight costs on GPU
+    kernels._CACHE.clear()
+
+
+def test_torch_compile_of_a_packed_model_matches_eager(tmp_path):
+    """fullgraph=True: the dispatch adds no graph break (aot_eager: the graph without inductor's C++ build)."""
+    import sparsify
+    from tiny_models import make_tiny
+
+    src = make_tiny("llama", tmp_path / "src")
+    sparsify.prune(str(src), sparsify.PruneConfig(method="magnitude", scheme="2:4", quant="int8"), tmp_path / "a")
+    model = sparsify.load(tmp_path / "a")[0].model
+    ids = torch.randint(4, 500, (1, 9), generator=torch.Generator().manual_seed(0))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager = model(input_ids=ids).logits
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)(input_ids=ids).logits
+    torch._dynamo.reset()
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
 
 
 SPECS = [None, ("int8", None, True), ("int4", 32, False), ("int4", None, True), ("fp8", None, True), "w8a8"]

@@ -191,3 +191,56 @@ def act_scale(tensors: dict, attrs: dict):
     """The static activation scale of a w8a8 weight, if calibrated (tensor or attribute), else None."""
     scale = tensors.get("input_scale", attrs.get("input_scale"))
     return None if scale is None else torch.as_tensor(scale, dtype=torch.float32)
+
+
+def ds_dequant_labels_ref(labels: torch.Tensor, r: int, label_scale=None, label_zero=None, bits=None) -> torch.Tensor:
+    """Double Sparsity label cache -> fp32 (B, KVH, T, r): float labels as they are; uint8 codes
+    (code - zero) * scale per token, zero default 2**(bits-1); bits=4: channel 2j in byte j's low nibble."""
+    if labels.dtype != torch.uint8:
+        return labels.float()
+    bits = bits or 8
+    codes = labels.long()
+    if bits == 4:
+        codes = torch.stack([codes & 15, codes >> 4], dim=-1).flatten(-2)[..., :r]  # (B, KVH, T, r)
+    zero = label_zero.float()[..., None] if label_zero is not None else float(2 ** (bits - 1))
+    return (codes.float() - zero) * label_scale.float()[..., None]
+
+
+def ds_quantize_labels_ref(labels: torch.Tensor, bits: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Float labels (B, KVH, T, r) -> (uint8 codes, fp32 scale, fp32 zero (B, KVH, T)): per-token
+    round-to-nearest over [min, max] (zero an integer code); bits=4 packs two codes a byte, even channel low."""
+    x = labels.float()
+    lo, hi = x.amin(-1).clamp(max=0), x.amax(-1).clamp(min=0)
+    qmax = 2 ** bits - 1
+    scale = torch.where(hi > lo, (hi - lo) / qmax, torch.ones_like(hi))
+    zero = torch.round(-lo / scale).clamp(0, qmax)
+    codes = (torch.round(x / scale[..., None]) + zero[..., None]).clamp(0, qmax).to(torch.uint8)
+    if bits == 4:
+        codes = F.pad(codes, (0, codes.shape[-1] % 2))
+        codes = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return codes.contiguous(), scale.contiguous(), zero.contiguous()
+
+
+def ds_label_scores_ref(q_label, labels, scale=None, *, label_scale=None, label_zero=None, bits=None) -> torch.Tensor:
+    """(q_label (B, H, r) . dequant(labels) (B, KVH, T, r)) * scale (default 1/sqrt(r)) -> (B, H, T) fp32;
+    query head h reads kv head h // (H // KVH)."""
+    r = q_label.shape[-1]
+    lab = ds_dequant_labels_ref(labels, r, label_scale, label_zero, bits)  # (B, KVH, T, r)
+    lab = lab.repeat_interleave(q_label.shape[1] // lab.shape[1], dim=1)  # (B, H, T, r)
+    return torch.einsum("bhr,bhtr->bht", q_label.float(), lab) * (r ** -0.5 if scale is None else scale)
+
+
+def ds_gather_attention_ref(q, K, V, idx, valid=None, scale=None) -> torch.Tensor:
+    """Exact attention of q (B, H, D) over the selected tokens K[idx], V[idx] (B, KVH, T, D) in fp32, in q's
+    dtype; entries < 0, >= T or at positions >= valid[b, h] are padding; a head with none outputs zeros."""
+    B, H, D = q.shape
+    T = K.shape[2]
+    heads = torch.arange(H, device=q.device) // (H // K.shape[1])  # kv head of each query head
+    pos = torch.arange(idx.shape[-1], device=q.device)
+    ok = (idx >= 0) & (idx < T) & (pos < (idx.shape[-1] if valid is None else valid[..., None]))  # (B, H, k)
+    safe = torch.where(ok, idx, 0).long()
+    b = torch.arange(B, device=q.device)[:, None, None]
+    ks, vs = K[b, heads[None, :, None], safe].float(), V[b, heads[None, :, None], safe].float()  # (B, H, k, D)
+    s = torch.einsum("bhd,bhkd->bhk", q.float(), ks) * (D ** -0.5 if scale is None else scale)
+    p = torch.softmax(s.masked_fill(~ok, float("-inf")), dim=-1).nan_to_num(0.0)  # all-padding rows -> 0
+    return torch.einsum("bhk,bhkd->bhd", p, vs).to(q.dtype)

@@ -2,8 +2,10 @@
 
 The model is the tests' digits ViT (tests/trained_models.py: a 2-block ViT trained in-process on
 scikit-learn's handwritten digits, upscaled to 32 x 32; its held-out split, 360 images, is never seen
-in training). Each configuration is a `sparsify prune` process (16 x 16 blocks, 32 calibration images
-from the built-in photos, seed 0) followed by `sparsify eval --task accuracy` on the held-out digits.
+in training). Each configuration is a `sparsify prune` process (16 x 16 blocks, 64 calibration images,
+seed 0) followed by `sparsify eval --task accuracy` on the held-out digits. Calibration is in-domain
+by default, as a user with the training data would do it: ``--calib train`` draws from the digits'
+training split (never the held-out one); ``--calib builtin`` uses the built-in photos instead.
 Configurations: uniform block magnitude / Wanda and LPViT with each, at 30% and 50% sparsity, plus
 LPViT without its hardware cost term (``beta=0``); then the GPUSQ-ViT scheme post-training: 2:4
 SparseGPT with int8 (per channel) and int4 (groups of 32) jointly, each with and without a short
@@ -37,7 +39,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sparsities", default="0.3,0.5")
     ap.add_argument("--block", default="16x16")
-    ap.add_argument("--samples", type=int, default=32)
+    ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--calib", default="train", help="train (the digits' training split) | builtin (photos)")
     ap.add_argument("--distill-steps", type=int, default=50)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -47,11 +50,12 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         digits = write_digit_folder(Path(tmp) / "digits")
+        calib = str(write_digit_folder(Path(tmp) / "train", split="train")) if args.calib == "train" else "builtin"
         dense = sparsify("eval", str(model), "--task", "accuracy", "--data", str(digits))["accuracy"]
         def run(label: dict, prune_args: list[str]) -> None:
             out = Path(tmp) / f"run{len(rows)}"
             m = sparsify("prune", str(model), *prune_args, "-o", str(out), "--samples", str(args.samples),
-                         "--batch-size", "8")
+                         "--batch-size", "8", "--calib", calib)
             a = sparsify("eval", str(out), "--task", "accuracy", "--data", str(digits), "--no-baseline")["accuracy"]
             rows.append({**label, "args": prune_args, "top1": a["top1"], "top5": a["top5"],
                          "global_sparsity": m["totals"]["sparsity"], "packed_bytes": m["totals"]["packed_bytes"],
@@ -69,7 +73,8 @@ def main() -> None:
                 run({"config": f"2:4 sparsegpt {' '.join(quant[1::2])} distill {steps}", "sparsity_target": 0.5},
                     ["--method", "sparsegpt", "--scheme", "2:4", *quant, "--distill-steps", str(steps)])
     result = {"model": "tests/trained_models.py digits ViT", "training": record, "dense": dense,
-              "block": args.block, "calibration": {"source": "builtin photos", "samples": args.samples, "seed": 0},
+              "block": args.block, "calibration": {"source": "digits training split" if args.calib == "train" else "builtin photos",
+                              "samples": args.samples, "seed": 0},
               "evaluation": {"data": "held-out digits", "images": dense["images"]}, "rows": rows}
     write_results(out_json, result)
     print(f"dense top-1 {dense['top1']:.3f} on {dense['images']} held-out digits")

@@ -10,8 +10,8 @@ from typing import Optional
 
 import typer
 
-from sparsify.cli_support import (allocation_args, device_name, emit, fail, handles_errors, layer_options,
-                                  prune_config)
+from sparsify.cli_support import (allocation_args, attention_config, device_name, emit, fail, handles_errors,
+                                  layer_options, prune_config)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Prune, quantize, pack, run and measure transformer checkpoints after training.")
@@ -57,6 +57,15 @@ def prune(
     batch_size: int = typer.Option(8, help="Calibration samples per forward."),
     device: str = typer.Option("auto", help="cpu, cuda, or auto (cuda when present)."),
     overwrite: bool = typer.Option(False, help="Replace an existing artifact at -o."),
+    attention: Optional[str] = typer.Option(None, help="double-sparsity: also calibrate sparse decode attention (causal LMs; composes with any --method, including none). docs/double_sparsity.md"),
+    ds_channels: Optional[str] = typer.Option(None, help="double-sparsity: label channels per kv head, a fraction of the head size (default 1/4) or a count."),
+    ds_tokens: Optional[str] = typer.Option(None, help="double-sparsity: tokens each query attends to, sink and recent included: a count (default 128) or a fraction of its context (1/16)."),
+    ds_label_bits: Optional[int] = typer.Option(None, help="double-sparsity: label cache precision 4 (default) | 8 | 16."),
+    ds_statistic: Optional[str] = typer.Option(None, help="double-sparsity: channel ranking qk | q | k | random | auto (default: the lowest KL on held-out calibration windows among qk, q, k)."),
+    ds_sink: Optional[int] = typer.Option(None, help="double-sparsity: first tokens always kept (default 4)."),
+    ds_recent: Optional[int] = typer.Option(None, help="double-sparsity: most recent tokens always kept (default 32)."),
+    ds_select: Optional[str] = typer.Option(None, help="double-sparsity: kv (default: one selection per kv head) | head (per query head)."),
+    ds_dense_layers: Optional[int] = typer.Option(None, help="double-sparsity: first blocks kept dense (default 2)."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
     layer: dict = None,
 ):
@@ -73,7 +82,10 @@ def prune(
                                                                 group=group, score=score, score_samples=score_samples,
                                                                 per_tower=per_tower or None),
         calib=CalibConfig(source=calib, samples=samples, seq_len=seq_len, seed=seed, batch_size=batch_size),
-        device=device_name(device))
+        device=device_name(device),
+        attention=attention_config(attention, channels=ds_channels, tokens=ds_tokens, label_bits=ds_label_bits,
+                                   statistic=ds_statistic, sink=ds_sink, recent=ds_recent, select=ds_select,
+                                   dense_layers=ds_dense_layers, seed=seed))
     manifest = run_prune(model, config, output, overwrite=overwrite, cache_dir=layer["cache_dir"],
                          trust_remote_code=layer["trust_remote_code"], save_allocation=save_allocation)
     from sparsify.render import prune_summary
@@ -102,13 +114,15 @@ def plan_(
 @handles_errors
 def eval_(
     model: str = typer.Argument(..., help="Artifact directory, model directory or built-in alias."),
-    task: Optional[str] = typer.Option(None, help="perplexity | agreement | accuracy (image classifiers: top-1 / top-5 on --data, a folder of class sub-folders) | size (default by model family)."),
+    task: Optional[str] = typer.Option(None, help="perplexity | agreement | accuracy (image classifiers: top-1 / top-5 on --data, a folder of class sub-folders) | zero-shot (CLIP-style: images against one caption per class sub-folder of --data) | passkey (causal LMs: a 5-digit key hidden in --seq-len tokens of filler, greedy answer) | size (default by model family)."),
+    template: Optional[str] = typer.Option(None, help="--task zero-shot: each class's caption, {} standing for its folder name (default \"a photo of a {}.\")."),
     data: Optional[str] = typer.Option(None, help="Held-out text (.txt/.jsonl) or, for --task accuracy, an image folder with one sub-folder per class; default: the built-in evaluation data."),
     baseline: Optional[str] = typer.Option(None, help="Dense model to compare with: its perplexity on the same windows, KL(baseline || this) in nats per token, top-1 (or embedding cosine). Default for an artifact: its source, if it still exists."),
     no_baseline: bool = typer.Option(False, "--no-baseline", help="Skip the comparison with the artifact's source (about halves the time)."),
     seq_len: int = typer.Option(512, help="Perplexity window length (non-overlapping windows)."),
     windows: int = typer.Option(32, help="At most this many evaluation windows."),
     batch_size: int = typer.Option(4, help="Windows per forward."),
+    trials: int = typer.Option(20, help="--task passkey: seeded trials."),
     device: str = typer.Option("auto", help="cpu, cuda, or auto."),
     report: Optional[str] = typer.Option(None, help="Directory for eval.json and a sparsity-per-layer PNG."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
@@ -122,7 +136,8 @@ def eval_(
 
         check_report(report)  # before minutes of evaluation, not after
     result = evaluate(model, task=task, data=data, baseline=baseline, seq_len=seq_len, max_windows=windows,
-                      batch_size=batch_size, device=device_name(device), auto_baseline=not no_baseline)
+                      batch_size=batch_size, device=device_name(device), auto_baseline=not no_baseline,
+                      template=template, trials=trials)
     if report:
         from sparsify.eval.report import write_report
 

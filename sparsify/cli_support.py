@@ -92,7 +92,7 @@ def parse_kv(items: list[str], flag: str) -> dict:
 
 # Options shared by `prune` and `plan`: declared once, added to both commands by `layer_options`.
 LAYER_OPTIONS = [
-    ("method", Optional[str], typer.Option(None, help="magnitude | wanda | sparsegpt. Default: wanda, or magnitude for a bare .safetensors.")),
+    ("method", Optional[str], typer.Option(None, help="magnitude | wanda | sparsegpt | none (weights unchanged, e.g. with --attention). Default: wanda, or magnitude for a bare .safetensors.")),
     ("scheme", str, typer.Option("unstructured", help="unstructured | N:M (2:4, 4:8, ...) | block:RxC (whole tiles, e.g. block:32x32; stored as bsr).")),
     ("sparsity", float, typer.Option(0.5, help="Fraction removed, in [0, 1) (unstructured; an N:M scheme fixes its own, 1 - N/M).")),
     ("per", str, typer.Option("row", help="unstructured threshold per output 'row' or per 'layer'.")),
@@ -150,6 +150,26 @@ def allocation_args(allocation: str, items: list[str], **flags) -> dict:
         names = ", ".join("--" + k.replace("_", "-") for k in given)
         raise UserError(f"{names} only apply to --allocation ecoflap (this run uses --allocation {allocation})")
     return {**args, **given}
+
+
+ATTENTION = ("double-sparsity",)
+
+
+def attention_config(attention: str | None, seed: int = 0, **ds):
+    """``--attention`` and the ``--ds-*`` options -> a DoubleSparsityConfig, or None; ``--ds-*`` alone is an error."""
+    from sparsify.errors import UserError
+
+    given = {k: v for k, v in ds.items() if v is not None}
+    if attention is None:
+        if given:
+            names = ", ".join("--ds-" + k.replace("_", "-") for k in given)
+            raise UserError(f"{names} only apply with --attention double-sparsity: add it or drop them")
+        return None
+    if attention not in ATTENTION:
+        raise UserError(f"--attention {attention!r}: use {', '.join(ATTENTION)}")
+    from sparsify.attention.double_sparsity import DoubleSparsityConfig
+
+    return DoubleSparsityConfig(seed=seed, **given)
 
 
 def has_config(path: str) -> bool:

@@ -111,9 +111,14 @@ class PruneConfig:
     calib: CalibConfig = field(default_factory=CalibConfig)
     device: str = "cpu"
     dtype: str | None = None
+    attention: object = None  # None, or a `sparsify.attention.double_sparsity.DoubleSparsityConfig` (or its dict)
 
     def __post_init__(self):
         self.scheme = Scheme.parse(self.scheme)
+        if isinstance(self.attention, dict):
+            from sparsify.attention.double_sparsity import DoubleSparsityConfig
+
+            self.attention = DoubleSparsityConfig.from_json(self.attention)
         check_sparsity(self.sparsity)
         if self.per not in ("row", "layer"):
             raise UserError(f"--per {self.per!r}: use 'row' or 'layer'")

@@ -41,5 +41,5 @@ def totals(entries: dict[str, dict]) -> dict:
     nnz = sum(e["nnz"] for e in entries.values())
     packed = sum(e["bytes"] for e in entries.values())
     dense = sum(e["dense_bytes"] for e in entries.values())
-    return {"targets": len(entries), "numel": numel, "nnz": nnz, "sparsity": 1 - nnz / max(1, numel),
+    return {"targets": len(entries), "numel": numel, "nnz": nnz, "sparsity": 1 - nnz / numel if numel else 0.0,
             "packed_bytes": packed, "dense_bytes": dense, "ratio": packed / max(1, dense)}

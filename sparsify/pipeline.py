@@ -57,8 +57,10 @@ def allocate(loaded, planned: Planned, config: PruneConfig, batches) -> tuple[Pl
                                                        **info}
 
 
-def write_artifact(loaded, planned: Planned, qparams: dict, out: Path, overwrite: bool, manifest: dict) -> dict:
-    """Pack each compressed weight in its plan's format, copy the rest as it is, dedupe tied tensors."""
+def write_artifact(loaded, planned: Planned, qparams: dict, out: Path, overwrite: bool, manifest: dict,
+                   extra: dict | None = None) -> dict:
+    """Pack each compressed weight in its plan's format, copy the rest as it is, dedupe tied tensors;
+    ``extra``: more tensors by name (Double Sparsity's channel rankings)."""
     from sparsify.models.targets import layout_of
 
     active = {n: planned.plans[n] for mods in planned.active.values() for n in mods}
@@ -83,6 +85,8 @@ def write_artifact(loaded, planned: Planned, qparams: dict, out: Path, overwrite
                     w.tensors.add(f"{module}.{k}", t)
             else:
                 w.tensors.add(name, tensor)
+        for name, tensor in (extra or {}).items():
+            w.tensors.add(name, tensor)
         copy_side_files(loaded.source.config_dir, w.tmp)
         manifest.update(tensors=entries, tied=tied, totals=totals(entries))
         w.manifest = manifest
@@ -120,15 +124,20 @@ def prune(model: str, config: PruneConfig, out: str | Path, *, overwrite: bool =
     if source.kind == "safetensors-file":
         from sparsify.bare import prune_bare
 
-        if spec is not None or config.distill_steps or rules or config.allocation != "uniform":
+        if spec is not None or config.distill_steps or rules or config.allocation != "uniform" or config.attention:
             raise UserError("a bare .safetensors file supports magnitude pruning only: drop --quant / --distill-steps "
-                            "/ --plan / --allocation, or pass the model directory (with config.json)")
+                            "/ --plan / --allocation / --attention, or pass the model directory (with config.json)")
         pruner = registry.get(registry.PRUNERS, config.method, "method")
         return prune_bare(source, config, pruner, method_config(pruner, config.method_args), out, overwrite)
     t0 = time.perf_counter()
     loaded = load_model(source, dtype=config.dtype, device=config.device, trust_remote_code=trust_remote_code)
     check_finite_weights(loaded.model)
     planned = build_plan(loaded.model, config, rules)
+    attention = None
+    if config.attention is not None:
+        from sparsify.attention.artifact import AttentionCalibration
+
+        attention = AttentionCalibration(loaded, config.attention)
     t1 = time.perf_counter()
     cache: dict = {}
 
@@ -142,7 +151,12 @@ def prune(model: str, config: PruneConfig, out: str | Path, *, overwrite: bool =
         from sparsify.plan import save_rules
 
         save_rules(planned.plans, save_allocation, note=f"sparsify {config.allocation} allocation of {model}")
-    result = prune_model(loaded.model, planned, batches, device=config.device, joint_quant=config.joint_quant)
+    result = prune_model(loaded.model, planned, batches, device=config.device, joint_quant=config.joint_quant,
+                         observers=attention.observers if attention else None)
+    attention_section, attention_tensors = None, None
+    if attention is not None:
+        used = calibration_info(cache["batches"], config.calib)["seq_len"]
+        attention_section, attention_tensors = attention.finish(config.calib, used)
     prune_s, calibrate_prune_s = time.perf_counter() - t0, time.perf_counter() - t1
     distill = None
     if config.distill_steps:
@@ -162,8 +176,9 @@ def prune(model: str, config: PruneConfig, out: str | Path, *, overwrite: bool =
         "quant": None if spec is None else spec.to_json(),
         "plan": plan_json(planned, rules, rules_source), "allocation": allocation,
         "calibration": calibration_info(cache["batches"], config.calib) if "batches" in cache else None,
-        "distill": distill, "skipped": planned.skipped, "solver": result.solver, "warnings": result.warnings,
+        "distill": distill, "attention": attention_section, "skipped": planned.skipped, "solver": result.solver,
+        "warnings": result.warnings,
         "timing": {"prune_s": round(prune_s, 2), "calibrate_prune_s": round(calibrate_prune_s, 2),
                    "peak_rss_mb": round(peak_rss_mb(), 1)},
     }
-    return write_artifact(loaded, planned, result.qparams, out, overwrite, manifest)
+    return write_artifact(loaded, planned, result.qparams, out, overwrite, manifest, extra=attention_tensors)

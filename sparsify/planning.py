@@ -21,6 +21,9 @@ from sparsify.packing import skip_reason
 from sparsify.plan import LayerPlan
 
 
+KEPT = "method none: weights copied unchanged"  # the skip reason of layers whose method keeps them
+
+
 @dataclass
 class Planned:
     """The resolved plan of a model: what each target gets, grouped as the runner needs it."""
@@ -70,6 +73,7 @@ def method_config(impl, args: dict, what: str = "method"):
 
 
 def build_plan(model: nn.Module, config: PruneConfig, rules: list[dict] | None = None) -> Planned:
+    from sparsify import registry
     from sparsify.models.layout import find_targets
 
     by_block = find_targets(model, config.targets, config.ignore)
@@ -84,11 +88,14 @@ def build_plan(model: nn.Module, config: PruneConfig, rules: list[dict] | None =
             skipped[name] = "plan: skip"
             continue
         check_layer(p)
+        if registry.get(registry.PRUNERS, p.method, "method").keeps_weights:
+            skipped[name] = KEPT
+            continue
         reason = skip_reason(weight_of(modules[name]), p.parsed_scheme)
         if reason:
             skipped[name] = reason
     planned = Planned(plans, modules, by_block, skipped)
-    if not planned.active:
+    if not planned.active and KEPT not in skipped.values():
         raise UserError("no layer can be pruned: check --targets / --ignore, the plan and the scheme"
                         + (f" ({next(iter(skipped.values()))})" if skipped else ""))
     return planned

@@ -7,14 +7,17 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from sparsify.eval.tables import quant_label
+from sparsify.eval.tables import attention_label, quant_label
 
 
 def prune_summary(m: dict, output: str) -> list:
     t = Table(title=f"sparsify prune -> {output}", show_header=False)
     cfg, tot = m["config"], m["totals"]
     scheme = cfg["scheme"] + (f" ({cfg['sparsity']:.0%})" if cfg["scheme"] == "unstructured" else "")
-    t.add_row("method / scheme", f"{cfg['method']} / {scheme}")
+    t.add_row("method / scheme", "none (weights copied unchanged)" if cfg["method"] == "none"
+              else f"{cfg['method']} / {scheme}")
+    if m.get("attention"):
+        t.add_row("attention", attention_label(m["attention"]))
     if cfg.get("quant", "none") != "none":
         t.add_row("quantization", quant_label(m))
     t.add_row("pruned layers", f"{tot['targets']} ({len(m.get('skipped', {}))} skipped)")

@@ -11,8 +11,6 @@ from pathlib import Path
 from rich import box
 from rich.table import Table
 
-from sparsify.eval.tables import ellipsize
-
 
 def allocation_summary(manifest: dict | None) -> dict | None:
     """{"name", "target", "options", "groups": {group: {"sparsity", "score"?, "share"?, "matrices"?}}} or None."""
@@ -43,11 +41,11 @@ def allocation_table(summary: dict) -> Table:
         title += f", cap {summary['max_sparsity']:.1%}"
     t = Table(box=box.SIMPLE_HEAD, padding=(0, 1), title=title, title_justify="left")
     scored = any("score" in r for r in summary["groups"].values())
-    t.add_column("group", no_wrap=True)
+    t.add_column("group", no_wrap=True, max_width=56, overflow="ellipsis")
     for col in ("sparsity", *(("score", "share") if scored else ())):
         t.add_column(col, justify="right", no_wrap=True)
     for g, r in summary["groups"].items():
-        t.add_row(ellipsize(g, 56), f"{r['sparsity']:.1%}",
+        t.add_row(g, f"{r['sparsity']:.1%}",
                   *((f"{r['score']:.4g}", f"{r['share']:.1%}") if "score" in r else ("-", "-") if scored else ()))
     return t
 
@@ -69,7 +67,7 @@ def plot_allocation(summary: dict, path: Path, plt) -> Path:
         twin.set_ylabel("score / sum of scores")
         twin.legend(loc="lower left", bbox_to_anchor=(0.0, 1.0), fontsize=7, frameon=False)
     step = max(1, len(names) // 40)
-    ax.set_xticks(range(0, len(names), step), [ellipsize(n, 24) for n in names[::step]], rotation=45, ha="right",
+    ax.set_xticks(range(0, len(names), step), [n if len(n) <= 24 else "…" + n[-23:] for n in names[::step]], rotation=45, ha="right",
                   fontsize=7)
     ax.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=2, fontsize=7, frameon=False)
     ax.set_title(f"{summary['name']} allocation per group", fontsize=10, loc="left", pad=18)

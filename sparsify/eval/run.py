@@ -9,6 +9,9 @@ plus, for artifacts, packed vs dense bytes from the manifest. Returns a JSON-abl
      "baseline": {"model", "from", "perplexity", "ratio"},  # with a baseline (perplexity: causal LMs)
      "agreement": {"baseline", "inputs", ...},    # with a baseline
      "accuracy": {"top1", "top5", "agreement_top1", ...},  # image classifiers, --task accuracy
+     "zero-shot": {"top1", "top5", "template", "baseline", "agreement_top1", ...},  # clip family, --task zero-shot
+     "passkey": {"accuracy", "correct", "trials", ...},   # causal LMs, --task passkey
+     "attention": {"kv_bytes": ...},              # Double Sparsity artifacts: KV bytes read per decoded token
      "size": {"layers": {module: {"numel", "nnz", "sparsity"}}, "count", "numel", "nnz", "sparsity"},
      "bytes": size_summary(manifest),             # artifacts
      "note": ...}                                 # artifacts on CPU: the packed runtime is slow there
@@ -121,6 +124,8 @@ def _baseline(loaded, result: dict, opts, source: str) -> dict:
         base = _perplexity(_baseline_model(loaded, opts), opts, "perplexity (baseline)")
         out["perplexity"] = base
         out["ratio"] = result["perplexity"]["perplexity"] / base["perplexity"]
+    if "passkey" in result:
+        out["passkey"] = _passkey(_baseline_model(loaded, opts), opts, "passkey (baseline)")
     return out
 
 
@@ -141,9 +146,30 @@ def _accuracy(loaded, opts) -> dict:
     return accuracy(loaded, opts["data"], base, device=opts["device"])
 
 
-TASKS = {"perplexity": _perplexity, "agreement": _agreement, "size": _size_only, "accuracy": _accuracy}
+def _zero_shot(loaded, opts) -> dict:
+    """Zero-shot top-1 / top-5 of an image-text dual encoder against class captions, beside the baseline's (eval/zero_shot.py)."""
+    from sparsify.eval.zero_shot import zero_shot
+
+    base = _baseline_model(loaded, opts).model if opts["baseline"] else None
+    return zero_shot(loaded, opts["data"], opts.get("template"), base, device=opts["device"])
+
+
+def _passkey(loaded, opts, label: str = "passkey") -> dict:
+    """Passkey retrieval accuracy over ``--trials`` seeded prompts of ``--seq-len`` tokens (eval/passkey.py)."""
+    from sparsify.eval.passkey import passkey
+
+    if _context_len(loaded, opts["seq_len"]) < opts["seq_len"]:
+        raise UserError(f"--seq-len {opts['seq_len']} is longer than this model's context "
+                        f"({_context_len(loaded, opts['seq_len'])}): pass a smaller --seq-len")
+    with opts["progress"](label, opts["trials"]) as advance:
+        return passkey(loaded.model, loaded.tokenizer, opts["seq_len"], opts["trials"], progress=advance)
+
+
+TASKS = {"perplexity": _perplexity, "agreement": _agreement, "size": _size_only, "accuracy": _accuracy,
+         "zero-shot": _zero_shot, "passkey": _passkey}
 FAMILIES = {"perplexity": {"causal-lm"}, "agreement": set(BY_FAMILY), "size": None,  # None: any family
-            "accuracy": {"image-classifier"}}
+            "accuracy": {"image-classifier"}, "zero-shot": {"clip"}, "passkey": {"causal-lm"}}
+SELF_COMPARED = {"zero-shot"}  # tasks that run the baseline on their own data (a class folder has no captions.txt for agreement)
 
 
 def _measured_sparsity(loaded, manifest) -> dict:
@@ -169,17 +195,21 @@ def _default_task(family: str, baseline: str | None) -> str:
 
 def evaluate(arg: str, *, task: str | None = None, data: str | None = None, baseline: str | None = None,
              seq_len: int = 512, max_windows: int = 32, batch_size: int = 4, device: str = "cpu",
-             progress_factory=None, auto_baseline: bool = True) -> dict:
+             progress_factory=None, auto_baseline: bool = True, template: str | None = None,
+             trials: int = 20) -> dict:
     """Evaluate an artifact directory or a plain model (path or alias); see the module docstring.
 
     Args:
-        task: "perplexity" | "agreement" | "size"; None picks by family (causal LM: perplexity;
+        task: "perplexity" | "agreement" | "size" | "accuracy" | "zero-shot"; None picks by family (causal LM: perplexity;
             others: agreement with a baseline, else size only).
         data: held-out text (.txt / .jsonl) or image folder; None: the built-in evaluation data.
         baseline: the dense model to compare with; with a baseline, agreement is measured too, and for a
             causal LM its perplexity on the same windows.
         auto_baseline: for an artifact without ``baseline``, use the source its manifest records if it exists.
-        seq_len, max_windows, batch_size: perplexity windows (non-overlapping) and windows per forward.
+        template: --task zero-shot: the class caption with ``{}`` for the class folder's name.
+        seq_len, max_windows, batch_size: perplexity windows (non-overlapping) and windows per forward;
+            ``seq_len`` is also the passkey prompt's length (answer included).
+        trials: passkey prompts (``task="passkey"``).
         progress_factory: callable(description, total) -> context manager yielding advance(n);
             default: sparsify.progress.bar.
     """
@@ -190,28 +220,37 @@ def evaluate(arg: str, *, task: str | None = None, data: str | None = None, base
 
     if task is not None and task not in TASKS:
         raise UserError(f"--task {task!r}: choose one of {', '.join(TASKS)}")
-    if seq_len < 2 or max_windows < 1 or batch_size < 1:
-        raise UserError("--seq-len must be at least 2, and --windows and --batch-size positive")
+    if seq_len < 2 or max_windows < 1 or batch_size < 1 or trials < 1:
+        raise UserError("--seq-len must be at least 2, and --windows, --batch-size and --trials positive")
     loaded, manifest = open_model(arg, device=device)
     family = loaded.family.name
     source = "argument" if baseline else "manifest"
     if baseline is None and auto_baseline and family in BY_FAMILY:
         baseline = default_baseline(manifest)
     task = task or _default_task(family, baseline)
+    if template is not None and task != "zero-shot":
+        raise UserError("--template only applies to --task zero-shot: drop it or pass --task zero-shot")
     for name in {task} | ({"agreement"} if baseline else set()):
         if FAMILIES[name] is not None and family not in FAMILIES[name]:
             raise UserError(f"--task {name} does not apply to {_a(family)} model: use --task "
                             f"{_default_task(family, baseline)}" + ("" if baseline else " or pass --baseline"))
     opts = {"data": data, "baseline": baseline, "seq_len": seq_len, "max_windows": max_windows,
-            "batch_size": batch_size, "device": device, "progress": progress_factory or progress.bar}
+            "batch_size": batch_size, "device": device, "progress": progress_factory or progress.bar,
+            "template": template, "trials": trials}
     result = {"model": str(arg), "family": family, "task": task, "artifact": manifest is not None}
-    for name in dict.fromkeys([task] + (["agreement"] if baseline else [])):
+    for name in dict.fromkeys([task] + (["agreement"] if baseline and task not in SELF_COMPARED else [])):
         value = TASKS[name](loaded, opts)
         if value is not None:
             result[name] = value
     if baseline:
         result["baseline"] = _baseline(loaded, result, opts, source)
     result["size"] = _measured_sparsity(loaded, manifest)
+    if manifest is not None and manifest.get("attention"):
+        from sparsify.attention.artifact import kv_bytes_at
+
+        result["attention"] = {"method": manifest["attention"]["method"], "statistic": manifest["attention"]["statistic"],
+                               "simulation": "sparse attention at every query position over its causal prefix",
+                               "kv_bytes": kv_bytes_at(manifest, seq_len)}
     if manifest is not None:
         from sparsify.eval.allocation import allocation_summary
 

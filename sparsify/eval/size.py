@@ -38,7 +38,7 @@ def overall(layers: dict[str, dict]) -> dict:
     """Totals over per-layer stats: {"count", "numel", "nnz", "sparsity"} (sparsity weighted by numel)."""
     numel = sum(v["numel"] for v in layers.values())
     nnz = sum(v["nnz"] for v in layers.values())
-    return {"count": len(layers), "numel": numel, "nnz": nnz, "sparsity": 1 - nnz / max(1, numel)}
+    return {"count": len(layers), "numel": numel, "nnz": nnz, "sparsity": 1 - nnz / numel if numel else 0.0}
 
 
 def format_label(entry: dict) -> str:
@@ -77,6 +77,6 @@ def size_summary(manifest: dict) -> dict:
     disk = sum(files.values()) if files else None
     dense_disk = None if disk is None else disk - packed + dense
     disk_ratio = None if disk is None else disk / max(1, dense_disk)
-    return {"layers": layers, "targets": len(layers), "sparsity": 1 - nnz / max(1, numel),
+    return {"layers": layers, "targets": len(layers), "sparsity": 1 - nnz / numel if numel else 0.0,
             "packed_bytes": packed, "dense_bytes": dense, "ratio": packed / max(1, dense), "disk_bytes": disk,
             "dense_disk_bytes": dense_disk, "disk_ratio": disk_ratio, "skipped": len(manifest.get("skipped", {}))}

@@ -108,6 +108,22 @@ def quant_label(m: dict) -> str:
     return f"{kind} ({', '.join(bits)})"
 
 
+def attention_label(section: dict) -> str:
+    """A manifest's Double Sparsity section in words: statistic, channels, tokens, kept tokens, dense blocks."""
+    c = section["config"]
+    tokens = c["tokens"] if isinstance(c["tokens"], int) else f"{c['tokens']:g} of the context"
+    chosen = section["statistic"]
+    sel = section.get("selection") or {}
+    if sel.get("losses"):
+        chosen += " (auto; KL " + ", ".join(f"{k} {v:.3g}" for k, v in sel["losses"].items()) + ")"
+    dense = section.get("dense_blocks") or []
+    return (f"double sparsity: {chosen} channels, {section['channels']} of {section['head_dim']} per kv head at "
+            f"{c['label_bits']} bits; {tokens} tokens per query ({c['sink']} sink + {c['recent']} recent kept), "
+            f"selected per {'kv head' if c.get('select', 'kv') == 'kv' else 'query head'}; "
+            + (f"block{'s' if len(dense) > 1 else ''} {dense[0]}{'' if len(dense) == 1 else f'-{dense[-1]}'} dense"
+               if dense else "every block sparse"))
+
+
 def _header(m: dict) -> Table:
     src, cfg = m.get("source", {}), m.get("config", {})
     head = _kv_table("sparsify artifact")
@@ -117,7 +133,8 @@ def _header(m: dict) -> Table:
     args = ", ".join(f"{k}={v}" for k, v in (cfg.get("method_args") or {}).items())
     head.add_row("method", f"{cfg.get('method', '?')}" + (f" ({args})" if args else ""))
     plan = m.get("plan") or {}
-    head.add_row("scheme (flags)" if plan.get("rules") else "scheme", _scheme(cfg))
+    if cfg.get("method") != "none":
+        head.add_row("scheme (flags)" if plan.get("rules") else "scheme", _scheme(cfg))
     if plan.get("rules"):
         head.add_row("plan", f"{plan.get('source') or 'inline'}: {len(plan['rules'])} rule(s) over the flags")
     if m.get("allocation"):
@@ -125,6 +142,8 @@ def _header(m: dict) -> Table:
         head.add_row("allocation", f"{a['name']} ({', '.join(f'{k}={v}' for k, v in a.get('options', {}).items())}), "
                                    f"target {a.get('target', 0):.1%} over {len(a.get('groups', {}))} groups")
     head.add_row("quant", quant_label(m))
+    if m.get("attention"):
+        head.add_row("attention", attention_label(m["attention"]))
     head.add_row("calibration", _calibration(m))
     for key in ("targets", "ignore"):
         if cfg.get(key):
@@ -167,8 +186,12 @@ def _footer(m: dict) -> Text:
     if s["disk_bytes"] is not None:
         lines.append(f"weight files on disk: {human_bytes(s['disk_bytes'])} ({s['disk_bytes']:,} B), "
                      f"{s['disk_ratio']:.3f} of the same files stored dense ({human_bytes(s['dense_disk_bytes'])})")
-    for name, reason in (m.get("skipped") or {}).items():
-        lines.append(f"skipped {ellipsize(name, 48)}: {reason}")
+    skipped = m.get("skipped") or {}
+    if skipped and m.get("config", {}).get("method") == "none" and len(set(skipped.values())) == 1:
+        lines.append(f"{len(skipped)} target layers: {next(iter(skipped.values()))}")
+    else:
+        for name, reason in skipped.items():
+            lines.append(f"skipped {ellipsize(name, 48)}: {reason}")
     lines += [f"warning: {w}" for w in m.get("warnings") or []]
     return Text("\n".join(lines))
 
@@ -203,6 +226,13 @@ def _accuracy_row(a: dict) -> str:
     return "; ".join(parts) + f" over {a['images']:,} images ({a['data']}{classes})"
 
 
+def _zero_shot_row(z: dict) -> str:
+    """Zero-shot top-1 / top-5 against the class captions, the dense model's beside them."""
+    text = _accuracy_row({**z, "classes": None})
+    captions = f'"{z["template"]}"' if z.get("template") else "their own captions"
+    return text.removesuffix(")") + f", {z['classes']} captions: {captions})"
+
+
 def eval_table(result: dict) -> Table:
     """`sparsify eval`: one line per measured quantity of an `evaluate` result."""
     r = result
@@ -224,6 +254,21 @@ def eval_table(result: dict) -> Table:
                       _agreement_row(r["agreement"]))
     if "accuracy" in r:
         table.add_row("accuracy", _accuracy_row(r["accuracy"]))
+    if "passkey" in r:
+        p = r["passkey"]
+        table.add_row("passkey", f"{p['accuracy']:.1%} ({p['correct']} of {p['trials']} trials, {p['seq_len']} tokens, "
+                                 f"seed {p['seed']})")
+    if "passkey" in base:
+        table.add_row("  passkey", f"{base['passkey']['accuracy']:.1%} dense on the same prompts")
+    if "attention" in r:
+        kv = r["attention"]["kv_bytes"]
+        layer = kv["per_sparse_layer"]
+        table.add_row("KV bytes / token", f"{layer['sparse']:,} vs {layer['dense']:,} dense per sparse layer = "
+                                          f"{layer['ratio']:.3f} (k {kv['k']} of {kv['context']} tokens, "
+                                          f"{kv['channels']} label channels at {kv['label_bits']} bits, "
+                                          f"fp16 cache); whole model {kv['model']['ratio']:.3f}")
+    if "zero-shot" in r:
+        table.add_row("zero-shot", _zero_shot_row(r["zero-shot"]))
     s = r["size"]
     if s["layers"]:
         spars = [v["sparsity"] for v in s["layers"].values()]

@@ -24,3 +24,4 @@ class Pruner:
     prune: Callable  # (weight, stats, scheme, sparsity, per, config) -> Tensor
     summary: str = ""
     joint_quant: bool = False  # prune() takes ``quantize=`` and quantizes inside its own loop (SparseGPT)
+    keeps_weights: bool = False  # the weights stay as they are (``none``): its layers are copied, not packed

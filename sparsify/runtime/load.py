@@ -4,7 +4,9 @@ The model is rebuilt from the copied config with parameters on the meta device, 
 Linear or transformers ``Conv1D`` is swapped for a `SparseLinear` holding its packed tensors (always
 of the (out, in) weight, so one ``x W^T + b`` serves both; a Conv1D's bias is (out,) like a Linear's),
 and every other tensor is
-loaded with ``assign=True`` (no second allocation). Only allow-listed format names and only
+loaded with ``assign=True`` (no second allocation). An artifact whose manifest has an "attention"
+section (Double Sparsity) gets its sparse attention installed (`sparsify.attention.ds_runtime`), so
+``generate()`` and every evaluation run with it. Only allow-listed format names and only
 safetensors are read.
 """
 from __future__ import annotations
@@ -51,6 +53,9 @@ def load_artifact(path: str | Path, device: str = "cpu"):
     registry.load_all()
     model, family, config, dtype = _build_skeleton(path, manifest)
     tensors = read_tensors(path)
+    from sparsify.attention.artifact import install_from_manifest, take_channels
+
+    channels = take_channels(manifest, tensors)  # Double Sparsity's rankings are no model tensors
     for name, entry in manifest["tensors"].items():
         if entry["format"] not in registry.FORMATS:
             raise UserError(f"{name}: unknown packed format {entry['format']!r}: upgrade sparsify")
@@ -67,6 +72,8 @@ def load_artifact(path: str | Path, device: str = "cpu"):
     except ValueError as e:
         raise UserError(f"{path} is incomplete ({e}): re-run 'sparsify prune'") from None
     model.eval().to(device)
+    if channels is not None:
+        install_from_manifest(model, manifest, channels)
     source = ModelSource(path=path, kind="hf-dir", config_dir=path, weight_files=[], alias=None)
     tokenizer, size, mean, std = preprocessing(path, family, config)
     return LoadedModel(model=model, family=family, config=config, tokenizer=tokenizer, image_size=size,

@@ -1,0 +1,306 @@
+"""Double Sparsity attention at run time, plugged into transformers' attention interface.
+
+`install(model, channels, config)` registers an attention function under ``sparsify_ds_<original>``
+in ``ALL_ATTENTION_FUNCTIONS`` (and the original implementation's mask builder under the same name
+in ``ALL_MASK_ATTENTION_FUNCTIONS``, so that the masks stay what the model built before) and points
+the model's config at it. Each attention module carries a `LayerState`; modules without one, and
+the first ``dense_layers`` blocks, call the original implementation (sdpa, eager, ...) unchanged.
+
+For every query position (a whole sequence: the decode simulation, where position i sees only its
+own top-k among tokens <= i; or a `generate()` step over the cache) the sparse path
+
+1. reads the labels, K restricted to the layer's r calibrated channels per kv head, rounded as the
+   runtime would store them (fp16, or per-token 8 / 4-bit codes: `quantize_labels`);
+2. scores every allowed token approximately, q_r . K_r / sqrt(r) (``select="kv"``: the scores of
+   the query heads that share a kv head are summed, one selection per kv head);
+3. keeps the first ``sink`` and last ``recent`` allowed tokens and fills the budget k with the top
+   approximate scores (`select_tokens`); a query whose context holds at most k tokens sees all;
+4. computes exact softmax attention with full q, K, V over the selected tokens only.
+
+On CPU this is plain torch over (Tq, Tk) score matrices (the same work as dense eager attention,
+plus a top-k). On CUDA a single-token decode step may go through the Triton kernels
+(`sparsify.kernels.triton.ds_attention`) when they import: UNTESTED, no GPU was available when it
+was written; ``SPARSIFY_DS_KERNELS=0`` keeps the torch path.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from sparsify.attention.double_sparsity import DoubleSparsityConfig, attention_modules
+from sparsify.errors import UserError
+
+PREFIX = "sparsify_ds_"
+CHUNK = 256  # query rows per step of the decode simulation (bounds the (Tq, Tk) score matrices)
+
+
+@dataclass
+class LayerState:
+    """What one attention module needs: its channels (None: dense), the options, the original implementation."""
+
+    channels: torch.Tensor | None  # (kv_heads, r) int64 channel indices, or None for a dense layer
+    config: DoubleSparsityConfig
+    original: str
+
+
+def quantize_labels(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Labels (..., r) as the label cache would hold them, back in fp32.
+
+    16 bits: fp16. 8 / 4 bits: per token round-to-nearest over [min(x, 0), max(x, 0)] with an
+    integer zero point (the layout of `kernels.reference.ds_quantize_labels_ref`).
+    """
+    x = x.float()
+    if bits >= 16:
+        return x.to(torch.float16).float()
+    qmax = 2 ** bits - 1
+    lo, hi = x.amin(-1, keepdim=True).clamp(max=0), x.amax(-1, keepdim=True).clamp(min=0)  # (..., 1)
+    scale = torch.where(hi > lo, (hi - lo) / qmax, torch.ones_like(hi))
+    zero = torch.round(-lo / scale).clamp(0, qmax)
+    codes = (torch.round(x / scale) + zero).clamp(0, qmax)  # (..., r)
+    return (codes - zero) * scale
+
+
+def allowed_keys(mask, batch: int, tq: int, tk: int, device) -> torch.Tensor:
+    """Which keys each query may see, (B, 1 or H, Tq, Tk) bool, from whatever mask transformers built.
+
+    None: causal, the queries being the last Tq positions; 4-D bool: as is; 4-D float: additive
+    (0 kept, the dtype's minimum masked); 2-D (B, Tk): padding, combined with causal.
+    """
+    q_pos = torch.arange(tq, device=device) + (tk - tq)  # (Tq,)
+    causal = torch.arange(tk, device=device)[None, :] <= q_pos[:, None]  # (Tq, Tk)
+    if mask is None:
+        return causal[None, None].expand(batch, 1, tq, tk)
+    if mask.dim() == 2:
+        return causal[None, None] & mask.bool()[:, None, None, -tk:]  # (B, 1, Tq, Tk)
+    if mask.dim() != 4:
+        raise UserError(f"double sparsity got an attention mask of shape {list(mask.shape)}: unsupported")
+    mask = mask[..., -tq:, -tk:]
+    if mask.dtype == torch.bool:
+        return mask
+    return mask > torch.finfo(mask.dtype).min / 2
+
+
+def select_tokens(approx: torch.Tensor, allowed: torch.Tensor, config: DoubleSparsityConfig) -> torch.Tensor:
+    """(B, G, Tq, Tk) approximate scores -> (B, G, Tq, Tk) bool: the tokens each query attends to.
+
+    Sink (first ``sink`` allowed) and recent (last ``recent`` allowed) tokens always; then the top
+    approximate scores among the other allowed tokens until k = ``config.token_budget(context)``.
+    """
+    count = allowed.sum(-1, keepdim=True)  # (B, 1, Tq, 1) tokens in each query's context
+    rank = allowed.cumsum(-1)  # (B, 1, Tq, Tk) 1-based position among the allowed keys
+    fixed = allowed & ((rank <= config.sink) | (count - rank < config.recent))  # (B, 1, Tq, Tk)
+    if isinstance(config.tokens, int):
+        budget = torch.full_like(count, config.tokens)
+    else:
+        budget = torch.ceil(count.double() * config.tokens).long().clamp(min=1)  # (B, 1, Tq, 1)
+    heavy = (budget - fixed.sum(-1, keepdim=True)).clamp(min=0)  # (B, 1, Tq, 1) top-k picks per query
+    candidates = allowed & ~fixed
+    chosen = fixed.expand(approx.shape).clone()  # (B, G, Tq, Tk)
+    kmax = int(torch.minimum(heavy, candidates.sum(-1, keepdim=True)).max()) if heavy.numel() else 0
+    if kmax > 0:
+        scores = approx.masked_fill(~candidates, float("-inf"))  # (B, G, Tq, Tk)
+        idx = scores.topk(kmax, dim=-1).indices  # (B, G, Tq, kmax)
+        keep = torch.arange(kmax, device=approx.device) < heavy  # (B, 1, Tq, kmax)
+        picked = torch.zeros_like(chosen).scatter_(-1, idx, keep.expand(idx.shape))
+        chosen |= picked & candidates
+    return chosen
+
+
+def key_labels(key: torch.Tensor, channels: torch.Tensor, bits: int) -> torch.Tensor:
+    """The label cache: (B, KV, Tk, D) keys -> (B, KV, r, Tk) fp32, the r channels rounded as stored."""
+    b, kv, tk, _ = key.shape
+    r = channels.shape[1]
+    labels = torch.gather(key.float(), 3, channels[None, :, None, :].expand(b, kv, tk, r))  # (B, KV, Tk, r)
+    return quantize_labels(labels, bits).transpose(-1, -2)  # (B, KV, r, Tk)
+
+
+def query_labels(query: torch.Tensor, channels: torch.Tensor, select: str) -> torch.Tensor:
+    """(B, H, Tq, D) queries -> their label channels / sqrt(r): (B, KV, Tq, r) summed over each kv head's
+    query heads (``select="kv"``) or (B, KV, g*Tq, r) per query head (``"head"``), fp32."""
+    b, heads, tq, d = query.shape
+    kv, r = channels.shape
+    g = heads // kv
+    q = query.float().reshape(b, kv, g, tq, d)  # (B, KV, g, Tq, D)
+    q_lab = torch.gather(q, 4, channels[None, :, None, None, :].expand(b, kv, g, tq, r)) / math.sqrt(r)  # (B, KV, g, Tq, r)
+    return q_lab.sum(2) if select == "kv" else q_lab.reshape(b, kv, g * tq, r)
+
+
+def label_scores(query: torch.Tensor, key: torch.Tensor, channels: torch.Tensor, config: DoubleSparsityConfig
+                 ) -> torch.Tensor:
+    """Approximate scores q_r . K_r / sqrt(r) from the (rounded) labels -> (B, KV or H, Tq, Tk) fp32."""
+    b, heads, tq, _ = query.shape
+    approx = query_labels(query, channels, config.select) @ key_labels(key, channels, config.label_bits)
+    return approx if config.select == "kv" else approx.reshape(b, heads, tq, key.shape[2])  # (B, KV|H, Tq, Tk)
+
+
+def sparse_attention(query, key, value, allowed, channels, config: DoubleSparsityConfig, scaling: float,
+                     softcap: float | None = None, chunk: int = CHUNK) -> torch.Tensor:
+    """Double Sparsity attention of (B, H, Tq, D) queries over (B, KV, Tk, D) keys / values.
+
+    ``allowed`` (B, 1, Tq, Tk) bool: each query's context. Returns (B, Tq, H, D) in the query's dtype
+    (the layout transformers' attention functions return). Queries run ``chunk`` at a time, each
+    chunk over the keys up to its last allowed one only (a causal chunk needs no later key).
+    """
+    b, heads, tq, d = query.shape
+    kv = key.shape[1]
+    g = heads // kv
+    k_lab = key_labels(key, channels, config.label_bits)  # (B, KV, r, Tk)
+    q_lab = query_labels(query, channels, config.select)  # (B, KV, Tq or g*Tq, r)
+    if config.select == "head":
+        q_lab = q_lab.view(b, kv, g, tq, -1)  # (B, KV, g, Tq, r)
+    q = (query.float() * scaling).reshape(b, kv, g, tq, d)  # (B, KV, g, Tq, D)
+    keys, values = key.float(), value.float()
+    allowed = allowed[:, :1]
+    outs = []
+    for start in range(0, tq, chunk):
+        stop = min(tq, start + chunk)
+        rows = allowed[:, :, start:stop]  # (B, 1, C, Tk)
+        seen = rows.any(-2).flatten(0, -2).any(0).nonzero()  # keys any query of the chunk may see
+        n = int(seen.max()) + 1 if seen.numel() else 1
+        if config.select == "kv":
+            approx = q_lab[:, :, start:stop] @ k_lab[..., :n]  # (B, KV, C, n)
+        else:
+            approx = (q_lab[:, :, :, start:stop] @ k_lab[:, :, None, :, :n]).flatten(1, 2)  # (B, H, C, n)
+        chosen = select_tokens(approx, rows[..., :n], config)  # (B, KV or H, C, n)
+        del approx
+        chosen = chosen[:, :, None] if config.select == "kv" else chosen.view(b, kv, g, stop - start, n)
+        scores = q[:, :, :, start:stop] @ keys[:, :, None, :n].transpose(-1, -2)  # (B, KV, g, C, n)
+        if softcap:
+            scores = torch.tanh(scores / softcap) * softcap
+        scores.masked_fill_(~chosen, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)  # (B, KV, g, C, n)
+        if not bool(chosen.any(-1).all()):
+            probs = probs.nan_to_num(0.0)  # a query with no token (padding) outputs zeros
+        outs.append(probs @ values[:, :, None, :n])  # (B, KV, g, C, D)
+    out = torch.cat(outs, dim=3).view(b, heads, tq, d)  # (B, H, Tq, D)
+    return out.transpose(1, 2).to(query.dtype)  # (B, Tq, H, D)
+
+
+def _original_function(module, original: str):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if original in (None, "eager"):
+        return eager or ALL_ATTENTION_FUNCTIONS["sdpa"]
+    return ALL_ATTENTION_FUNCTIONS.get_interface(original, eager)
+
+
+def _kernels():
+    """The Triton decode kernels, or None (no CUDA, not importable, or SPARSIFY_DS_KERNELS=0)."""
+    if os.environ.get("SPARSIFY_DS_KERNELS", "1") == "0" or not torch.cuda.is_available():
+        return None
+    try:
+        from sparsify.kernels.reference import ds_quantize_labels_ref
+        from sparsify.kernels.triton.ds_attention import gather_attention, label_scores as kernel_scores
+    except Exception:  # noqa: BLE001 - any import failure means: use the torch path
+        return None
+    return kernel_scores, gather_attention, ds_quantize_labels_ref
+
+
+def _cuda_decode_step(query, key, value, allowed, state: LayerState, scaling: float, kernels):
+    """One decode step (Tq = 1) through the Triton kernels. UNTESTED (no GPU when written).
+
+    The labels are gathered and rounded from K at every step here; a serving runtime keeps them
+    in a label cache filled once per token instead.
+    """
+    kernel_scores, gather_attention, quantize = kernels
+    cfg, channels = state.config, state.channels
+    b, heads, _, d = query.shape
+    kv, tk, r = key.shape[1], key.shape[2], channels.shape[1]
+    g = heads // kv
+    labels = torch.gather(key, 3, channels[None, :, None, :].expand(b, kv, tk, r))  # (B, KV, Tk, r)
+    q_lab = torch.gather(query[:, :, 0], 2, channels.repeat_interleave(g, 0)[None].expand(b, heads, r))  # (B, H, r)
+    if cfg.label_bits < 16:
+        codes, scale, zero = quantize(labels, cfg.label_bits)
+        approx = kernel_scores(q_lab, codes, label_scale=scale, label_zero=zero, bits=cfg.label_bits)  # (B, H, Tk)
+    else:
+        approx = kernel_scores(q_lab, labels.to(torch.float16).to(query.dtype))  # (B, H, Tk)
+    if cfg.select == "kv":
+        approx = approx.view(b, kv, g, tk).sum(2)  # (B, KV, Tk)
+    chosen = select_tokens(approx[:, :, None], allowed[:, :1], cfg)[:, :, 0]  # (B, KV or H, Tk)
+    if cfg.select == "kv":
+        chosen = chosen.repeat_interleave(g, 1)  # (B, H, Tk)
+    valid = chosen.sum(-1)  # (B, H)
+    idx = torch.sort(chosen.to(torch.int8), dim=-1, descending=True, stable=True).indices[..., :int(valid.max())]
+    out = gather_attention(query[:, :, 0], key, value, idx, valid, scale=scaling)  # (B, H, D)
+    return out[:, None]  # (B, 1, H, D)
+
+
+def attention(module, query, key, value, attention_mask, *, original: str, **kwargs):
+    """The registered attention function (see the module docstring); returns (output (B, Tq, H, D), None)."""
+    state = getattr(module, "_sparsify_ds", None)
+    if state is None or state.channels is None:
+        return _original_function(module, original)(module, query, key, value, attention_mask, **kwargs)
+    if kwargs.get("s_aux") is not None:
+        raise UserError("double sparsity does not support attention sinks as parameters (s_aux): drop --attention")
+    b, heads, tq, d = query.shape
+    scaling = kwargs.get("scaling") or getattr(module, "scaling", None) or d ** -0.5
+    softcap = kwargs.get("softcap")
+    channels = state.channels.to(query.device)
+    allowed = allowed_keys(attention_mask, b, tq, key.shape[2], query.device)  # (B, 1|H, Tq, Tk)
+    if tq == 1 and query.is_cuda and not softcap and (kernels := _kernels()) is not None:
+        return _cuda_decode_step(query, key, value, allowed, LayerState(channels, state.config, original),
+                                 scaling, kernels), None
+    return sparse_attention(query, key, value, allowed, channels, state.config, scaling, softcap), None
+
+
+def _register(original: str) -> str:
+    """Register the attention function and the original's mask builder under ``sparsify_ds_<original>``."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+    name = PREFIX + original
+    if name not in ALL_ATTENTION_FUNCTIONS:
+        def function(module, query, key, value, attention_mask, **kwargs):
+            return attention(module, query, key, value, attention_mask, original=original, **kwargs)
+
+        AttentionInterface.register(name, function)
+        mask_original = original if original in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping else "sdpa"
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS._global_mapping[mask_original])
+    return name
+
+
+def attention_layers(model) -> list:
+    """The model's attention modules that go through the interface, in block order (one per block; found
+    by module, not through `find_blocks`, which needs Linears: a loaded artifact holds SparseLinears)."""
+    return [module for _, module in attention_modules(model)]
+
+
+def install(model, channels: dict[int, torch.Tensor], config: DoubleSparsityConfig) -> None:
+    """Make ``model`` run Double Sparsity attention: block i >= ``dense_layers`` uses the first r of
+    ``channels[i]`` ((kv_heads, head_dim) rankings); earlier blocks stay dense. Idempotent; `uninstall` undoes it."""
+    uninstall(model)
+    layers = attention_layers(model)
+    if not layers:
+        raise UserError("double sparsity: no attention module of this model goes through transformers' attention "
+                        "interface: drop --attention")
+    if len(layers) != len(channels):
+        raise UserError(f"double sparsity: {len(channels)} channel rankings for {len(layers)} attention layers: "
+                        "the artifact does not match its model; re-run 'sparsify prune'")
+    configs = {}
+    for i, module in enumerate(layers):
+        cfg = module.config
+        configs.setdefault(id(cfg), (cfg, cfg._attn_implementation or "sdpa"))
+        sparse = i >= config.dense_layers
+        r = config.channel_count(module.head_dim)
+        ranking = channels[i][:, :r].long().contiguous() if sparse else None
+        module._sparsify_ds = LayerState(ranking, config, configs[id(cfg)][1])
+    for cfg, original in configs.values():
+        cfg._attn_implementation = _register(original)
+
+
+def uninstall(model) -> None:
+    """Restore the original attention implementation (no-op when nothing is installed)."""
+    for module in model.modules():
+        state = module.__dict__.pop("_sparsify_ds", None)
+        cfg = getattr(module, "config", None)
+        if state is not None and str(getattr(cfg, "_attn_implementation", "")).startswith(PREFIX):
+            cfg._attn_implementation = state.original
+
+
+def installed(model) -> bool:
+    return any("_sparsify_ds" in m.__dict__ for m in model.modules())

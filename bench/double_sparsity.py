@@ -37,7 +37,7 @@ def ds_config(level: str, statistic: str, args):
     tokens, channels, bits = LEVELS[level]
     return DoubleSparsityConfig(channels=channels, tokens=max(args.sink + args.recent + 1, round(tokens * args.context)),
                                 label_bits=bits, statistic=statistic, sink=args.sink, recent=args.recent,
-                                dense_layers=args.dense_layers)
+                                dense_layers=args.dense_layers, select=args.select)
 
 
 def main() -> None:
@@ -51,6 +51,7 @@ def main() -> None:
     ap.add_argument("--sink", type=int, default=4)
     ap.add_argument("--recent", type=int, default=32)
     ap.add_argument("--dense-layers", type=int, default=2)
+    ap.add_argument("--select", default="union", help="union | sum | head (sparsify.attention.ds_runtime.select_tokens)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a loaded 2-core machine)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -132,7 +133,8 @@ def main() -> None:
                         "label_bits": bits, "definition": "token sparsity k/context and label sparsity "
                                                           "r*bits/(head_dim*16), both equal to the level"}
                    for lv, (tok, ch, bits) in LEVELS.items() if lv in args.levels.split(",")},
-        "double_sparsity": {"sink": args.sink, "recent": args.recent, "select": "kv", "dense_layers": args.dense_layers,
+        "double_sparsity": {"sink": args.sink, "recent": args.recent, "select": args.select,
+                            "dense_layers": args.dense_layers,
                             "label_quantization": "per token, round-to-nearest over [min, max] with a zero point"},
         "calibration": {"source": "builtin", "samples": args.samples, "seq_len": args.seq_len, "seed": args.seed,
                         "seconds": round(calib_s, 1)},

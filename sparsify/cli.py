@@ -64,7 +64,7 @@ def prune(
     ds_statistic: Optional[str] = typer.Option(None, help="double-sparsity: channel ranking qk | q | k | random | auto (default: the lowest KL on held-out calibration windows among qk, q, k)."),
     ds_sink: Optional[int] = typer.Option(None, help="double-sparsity: first tokens always kept (default 4)."),
     ds_recent: Optional[int] = typer.Option(None, help="double-sparsity: most recent tokens always kept (default 32)."),
-    ds_select: Optional[str] = typer.Option(None, help="double-sparsity: kv (default: one selection per kv head) | head (per query head)."),
+    ds_select: Optional[str] = typer.Option(None, help="double-sparsity: union (default: one selection per kv head, filled round-robin from its query heads' rankings) | sum (ranked by their summed scores) | head (one selection per query head; reads g times more)."),
     ds_dense_layers: Optional[int] = typer.Option(None, help="double-sparsity: first blocks kept dense (default 2)."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
     layer: dict = None,

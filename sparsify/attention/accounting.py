@@ -8,8 +8,8 @@ cache items of ``itemsize`` bytes, r label channels of ``bits`` bits and k selec
   meta    = KV * T * 2 * itemsize  when bits < 16             (a scale and a zero point per token)
   gather  = S * k * d * 2 * itemsize                          (K and V rows of the selected tokens)
 
-S is KV when one selection serves the query heads of a kv head (``select="kv"``: a kernel reads each
-selected row once per group) and H when every query head selects its own tokens (``select="head"``).
+S is KV when one selection serves the query heads of a kv head (``select`` "union" or "sum": a kernel
+reads each selected row once per group) and H when every query head selects its own tokens ("head").
 The first ``dense_layers`` blocks read like dense. `sparsify.kernels.triton.ds_attention.kv_bytes_read`
 counts the same terms per kernel call (its gather loads rows per query head, so it counts H).
 "Level" follows METHODS.md: token sparsity k / T and label sparsity r * bits / (d * 16).
@@ -25,7 +25,7 @@ def kv_bytes(shape: dict, config, context: int, itemsize: int = 2) -> dict:
     r = config.channel_count(d)
     k = min(context, config.token_budget(context))
     bits = config.label_bits
-    readers = kv if config.select == "kv" else heads
+    readers = heads if config.select == "head" else kv
     dense = kv * context * d * 2 * itemsize
     labels = kv * context * math.ceil(r * bits / 8)
     meta = kv * context * 2 * itemsize if bits < 16 else 0

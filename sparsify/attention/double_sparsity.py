@@ -29,7 +29,7 @@ from sparsify.errors import UserError
 STATISTICS = ("auto", "qk", "q", "k", "random")
 CANDIDATES = ("qk", "q", "k")  # what ``auto`` chooses from (random is the control, never chosen)
 LABEL_BITS = (4, 8, 16)
-SELECT = ("kv", "head")  # one top-k per key-value head (its query heads' scores summed), or per query head
+SELECT = ("union", "sum", "head")  # how the query heads of a kv head share a selection (ds_runtime.select_tokens)
 TENSOR = "ds.layers.{}.channels"  # int16 (kv_heads, head_dim): channel indices, most important first
 
 
@@ -61,8 +61,10 @@ class DoubleSparsityConfig:
         would store them); the approximate scores use the rounded labels.
     sink / recent: the first ``sink`` and the last ``recent`` tokens of the context (the query's own
         included) are always kept; the top-k by approximate score fills the rest of the k.
-    select: "kv" shares one selection among the query heads of a kv head (scores summed), so a
-        decode step reads k tokens per kv head; "head" selects per query head.
+    select: "union" (default) shares one selection of k tokens among the query heads of a kv head,
+        filled round-robin from each head's own ranking; "sum" ranks by the heads' summed scores
+        (both read k tokens per kv head); "head" lets every query head select its own k tokens
+        (reads g times more under grouped-query attention).
     dense_layers: the first blocks keep dense attention (the paper: 2).
     holdout: held-out calibration windows that score the candidates of ``statistic auto``.
     """
@@ -73,7 +75,7 @@ class DoubleSparsityConfig:
     statistic: str = "auto"
     sink: int = 4
     recent: int = 32
-    select: str = "kv"
+    select: str = "union"
     dense_layers: int = 2
     holdout: int = 4
     seed: int = 0
@@ -92,7 +94,7 @@ class DoubleSparsityConfig:
         if self.statistic not in STATISTICS:
             raise UserError(f"--ds-statistic {self.statistic!r}: use one of {', '.join(STATISTICS)}")
         if self.select not in SELECT:
-            raise UserError(f"double sparsity select {self.select!r}: use 'kv' or 'head'")
+            raise UserError(f"--ds-select {self.select!r}: use one of {', '.join(SELECT)}")
         if min(self.sink, self.recent, self.dense_layers) < 0 or self.holdout < 1:
             raise UserError("--ds-sink, --ds-recent and the dense layers must be >= 0, the held-out windows >= 1")
         if isinstance(self.tokens, int) and self.sink + self.recent >= self.tokens:

@@ -11,10 +11,11 @@ own top-k among tokens <= i; or a `generate()` step over the cache) the sparse p
 
 1. reads the labels, K restricted to the layer's r calibrated channels per kv head, rounded as the
    runtime would store them (fp16, or per-token 8 / 4-bit codes: `quantize_labels`);
-2. scores every allowed token approximately, q_r . K_r / sqrt(r) (``select="kv"``: the scores of
-   the query heads that share a kv head are summed, one selection per kv head);
-3. keeps the first ``sink`` and last ``recent`` allowed tokens and fills the budget k with the top
-   approximate scores (`select_tokens`); a query whose context holds at most k tokens sees all;
+2. scores every allowed token approximately, q_r . K_r / sqrt(r), per query head;
+3. keeps the first ``sink`` and last ``recent`` allowed tokens and fills the budget k with the best
+   approximate scores (`select_tokens`): by default one selection per kv head, filled round-robin
+   from the rankings of its query heads (``select="union"``; ``"sum"`` ranks by their summed scores,
+   ``"head"`` selects per query head); a query whose context holds at most k tokens sees all;
 4. computes exact softmax attention with full q, K, V over the selected tokens only.
 
 On CPU this is plain torch over (Tq, Tk) score matrices (the same work as dense eager attention,
@@ -84,12 +85,8 @@ def allowed_keys(mask, batch: int, tq: int, tk: int, device) -> torch.Tensor:
     return mask > torch.finfo(mask.dtype).min / 2
 
 
-def select_tokens(approx: torch.Tensor, allowed: torch.Tensor, config: DoubleSparsityConfig) -> torch.Tensor:
-    """(B, G, Tq, Tk) approximate scores -> (B, G, Tq, Tk) bool: the tokens each query attends to.
-
-    Sink (first ``sink`` allowed) and recent (last ``recent`` allowed) tokens always; then the top
-    approximate scores among the other allowed tokens until k = ``config.token_budget(context)``.
-    """
+def _budget(allowed: torch.Tensor, config: DoubleSparsityConfig):
+    """(fixed (B, 1, Tq, Tk) sink + recent tokens, candidates (B, 1, Tq, Tk), heavy (B, 1, Tq, 1) top-k picks)."""
     count = allowed.sum(-1, keepdim=True)  # (B, 1, Tq, 1) tokens in each query's context
     rank = allowed.cumsum(-1)  # (B, 1, Tq, Tk) 1-based position among the allowed keys
     fixed = allowed & ((rank <= config.sink) | (count - rank < config.recent))  # (B, 1, Tq, Tk)
@@ -97,17 +94,44 @@ def select_tokens(approx: torch.Tensor, allowed: torch.Tensor, config: DoubleSpa
         budget = torch.full_like(count, config.tokens)
     else:
         budget = torch.ceil(count.double() * config.tokens).long().clamp(min=1)  # (B, 1, Tq, 1)
-    heavy = (budget - fixed.sum(-1, keepdim=True)).clamp(min=0)  # (B, 1, Tq, 1) top-k picks per query
-    candidates = allowed & ~fixed
-    chosen = fixed.expand(approx.shape).clone()  # (B, G, Tq, Tk)
+    heavy = (budget - fixed.sum(-1, keepdim=True)).clamp(min=0)  # (B, 1, Tq, 1)
+    return fixed, allowed & ~fixed, heavy
+
+
+def select_tokens(approx: torch.Tensor, allowed: torch.Tensor, config: DoubleSparsityConfig) -> torch.Tensor:
+    """Approximate scores (B, KV, G, Tq, Tk) -> the tokens each query attends to, (B, KV, 1 or g, Tq, Tk) bool.
+
+    Sink (first ``sink`` allowed) and recent (last ``recent`` allowed) tokens always; then, among the
+    other allowed tokens, until k = ``config.token_budget(context)``:
+      ``sum``   (G = 1, the group's scores summed): the top scores, shared by the group;
+      ``head``  (G = g): each query head its own top scores;
+      ``union`` (G = g): shared by the group, filled round-robin from each head's own ranking (head 0's
+                best token, head 1's best, ..., then every head's second best, ...; a token already
+                taken is skipped).
+    ``allowed`` is (B, 1, Tq, Tk).
+    """
+    fixed, candidates, heavy = _budget(allowed[:, None], config)  # (B, 1, 1, Tq, Tk|1)
+    shared = config.select != "head"
+    b, kv, g, tq, tk = approx.shape
+    chosen = fixed.expand(b, kv, 1 if shared else g, tq, tk).clone()  # (B, KV, 1|g, Tq, Tk)
     kmax = int(torch.minimum(heavy, candidates.sum(-1, keepdim=True)).max()) if heavy.numel() else 0
-    if kmax > 0:
-        scores = approx.masked_fill(~candidates, float("-inf"))  # (B, G, Tq, Tk)
-        idx = scores.topk(kmax, dim=-1).indices  # (B, G, Tq, kmax)
-        keep = torch.arange(kmax, device=approx.device) < heavy  # (B, 1, Tq, kmax)
-        picked = torch.zeros_like(chosen).scatter_(-1, idx, keep.expand(idx.shape))
-        chosen |= picked & candidates
-    return chosen
+    if kmax == 0:
+        return chosen
+    scores = approx.masked_fill(~candidates, float("-inf"))  # (B, KV, G, Tq, Tk)
+    idx = scores.topk(kmax, dim=-1).indices  # (B, KV, G, Tq, kmax) each head's (or the sum's) best first
+    del scores
+    if config.select == "union" and g > 1:
+        # a token's place in the round-robin: rank * g + head of its best appearance (unique per token)
+        rank = torch.arange(kmax, device=approx.device, dtype=torch.int32)[None, None, None, None] * g
+        place = (rank + torch.arange(g, device=approx.device, dtype=torch.int32)[None, None, :, None, None])
+        best = torch.full((b, kv, tq, tk), kmax * g, dtype=torch.int32, device=approx.device)  # (B, KV, Tq, Tk)
+        best.scatter_reduce_(-1, idx.transpose(2, 3).flatten(3), place.expand(idx.shape).transpose(2, 3).flatten(3),
+                             reduce="amin")
+        order = (-best.float()).masked_fill(~candidates[:, :, 0], float("-inf"))  # earliest place first
+        idx = order.topk(kmax, dim=-1).indices[:, :, None]  # (B, KV, 1, Tq, kmax)
+    keep = torch.arange(kmax, device=approx.device) < heavy  # (B, 1, 1, Tq, kmax)
+    picked = torch.zeros_like(chosen).scatter_(-1, idx, keep.expand(idx.shape))
+    return chosen | (picked & candidates)
 
 
 def key_labels(key: torch.Tensor, channels: torch.Tensor, bits: int) -> torch.Tensor:
@@ -119,22 +143,20 @@ def key_labels(key: torch.Tensor, channels: torch.Tensor, bits: int) -> torch.Te
 
 
 def query_labels(query: torch.Tensor, channels: torch.Tensor, select: str) -> torch.Tensor:
-    """(B, H, Tq, D) queries -> their label channels / sqrt(r): (B, KV, Tq, r) summed over each kv head's
-    query heads (``select="kv"``) or (B, KV, g*Tq, r) per query head (``"head"``), fp32."""
+    """(B, H, Tq, D) queries -> their label channels / sqrt(r), (B, KV, G, Tq, r) fp32: G = 1, summed over
+    the kv head's query heads, for ``select="sum"``; else G = g, one row per query head."""
     b, heads, tq, d = query.shape
     kv, r = channels.shape
-    g = heads // kv
-    q = query.float().reshape(b, kv, g, tq, d)  # (B, KV, g, Tq, D)
-    q_lab = torch.gather(q, 4, channels[None, :, None, None, :].expand(b, kv, g, tq, r)) / math.sqrt(r)  # (B, KV, g, Tq, r)
-    return q_lab.sum(2) if select == "kv" else q_lab.reshape(b, kv, g * tq, r)
+    q = query.float().reshape(b, kv, heads // kv, tq, d)  # (B, KV, g, Tq, D)
+    q_lab = torch.gather(q, 4, channels[None, :, None, None, :].expand(*q.shape[:4], r)) / math.sqrt(r)  # (B, KV, g, Tq, r)
+    return q_lab.sum(2, keepdim=True) if select == "sum" else q_lab
 
 
 def label_scores(query: torch.Tensor, key: torch.Tensor, channels: torch.Tensor, config: DoubleSparsityConfig
                  ) -> torch.Tensor:
-    """Approximate scores q_r . K_r / sqrt(r) from the (rounded) labels -> (B, KV or H, Tq, Tk) fp32."""
-    b, heads, tq, _ = query.shape
-    approx = query_labels(query, channels, config.select) @ key_labels(key, channels, config.label_bits)
-    return approx if config.select == "kv" else approx.reshape(b, heads, tq, key.shape[2])  # (B, KV|H, Tq, Tk)
+    """Approximate scores q_r . K_r / sqrt(r) from the (rounded) labels -> (B, KV, 1 or g, Tq, Tk) fp32."""
+    k_lab = key_labels(key, channels, config.label_bits)  # (B, KV, r, Tk)
+    return query_labels(query, channels, config.select) @ k_lab[:, :, None]  # (B, KV, G, Tq, Tk)
 
 
 def sparse_attention(query, key, value, allowed, channels, config: DoubleSparsityConfig, scaling: float,
@@ -148,12 +170,10 @@ def sparse_attention(query, key, value, allowed, channels, config: DoubleSparsit
     b, heads, tq, d = query.shape
     kv = key.shape[1]
     g = heads // kv
-    k_lab = key_labels(key, channels, config.label_bits)  # (B, KV, r, Tk)
-    q_lab = query_labels(query, channels, config.select)  # (B, KV, Tq or g*Tq, r)
-    if config.select == "head":
-        q_lab = q_lab.view(b, kv, g, tq, -1)  # (B, KV, g, Tq, r)
+    k_lab = key_labels(key, channels, config.label_bits)[:, :, None]  # (B, KV, 1, r, Tk)
+    q_lab = query_labels(query, channels, config.select)  # (B, KV, G, Tq, r)
     q = (query.float() * scaling).reshape(b, kv, g, tq, d)  # (B, KV, g, Tq, D)
-    keys, values = key.float(), value.float()
+    keys, values = key.float()[:, :, None], value.float()[:, :, None]  # (B, KV, 1, Tk, D)
     allowed = allowed[:, :1]
     outs = []
     for start in range(0, tq, chunk):
@@ -161,21 +181,17 @@ def sparse_attention(query, key, value, allowed, channels, config: DoubleSparsit
         rows = allowed[:, :, start:stop]  # (B, 1, C, Tk)
         seen = rows.any(-2).flatten(0, -2).any(0).nonzero()  # keys any query of the chunk may see
         n = int(seen.max()) + 1 if seen.numel() else 1
-        if config.select == "kv":
-            approx = q_lab[:, :, start:stop] @ k_lab[..., :n]  # (B, KV, C, n)
-        else:
-            approx = (q_lab[:, :, :, start:stop] @ k_lab[:, :, None, :, :n]).flatten(1, 2)  # (B, H, C, n)
-        chosen = select_tokens(approx, rows[..., :n], config)  # (B, KV or H, C, n)
+        approx = q_lab[:, :, :, start:stop] @ k_lab[..., :n]  # (B, KV, G, C, n)
+        chosen = select_tokens(approx, rows[..., :n], config)  # (B, KV, 1|g, C, n)
         del approx
-        chosen = chosen[:, :, None] if config.select == "kv" else chosen.view(b, kv, g, stop - start, n)
-        scores = q[:, :, :, start:stop] @ keys[:, :, None, :n].transpose(-1, -2)  # (B, KV, g, C, n)
+        scores = q[:, :, :, start:stop] @ keys[:, :, :, :n].transpose(-1, -2)  # (B, KV, g, C, n)
         if softcap:
             scores = torch.tanh(scores / softcap) * softcap
         scores.masked_fill_(~chosen, float("-inf"))
         probs = torch.softmax(scores, dim=-1)  # (B, KV, g, C, n)
         if not bool(chosen.any(-1).all()):
             probs = probs.nan_to_num(0.0)  # a query with no token (padding) outputs zeros
-        outs.append(probs @ values[:, :, None, :n])  # (B, KV, g, C, D)
+        outs.append(probs @ values[:, :, :, :n])  # (B, KV, g, C, D)
     out = torch.cat(outs, dim=3).view(b, heads, tq, d)  # (B, H, Tq, D)
     return out.transpose(1, 2).to(query.dtype)  # (B, Tq, H, D)
 
@@ -219,11 +235,11 @@ def _cuda_decode_step(query, key, value, allowed, state: LayerState, scaling: fl
         approx = kernel_scores(q_lab, codes, label_scale=scale, label_zero=zero, bits=cfg.label_bits)  # (B, H, Tk)
     else:
         approx = kernel_scores(q_lab, labels.to(torch.float16).to(query.dtype))  # (B, H, Tk)
-    if cfg.select == "kv":
-        approx = approx.view(b, kv, g, tk).sum(2)  # (B, KV, Tk)
-    chosen = select_tokens(approx[:, :, None], allowed[:, :1], cfg)[:, :, 0]  # (B, KV or H, Tk)
-    if cfg.select == "kv":
-        chosen = chosen.repeat_interleave(g, 1)  # (B, H, Tk)
+    approx = approx.view(b, kv, g, 1, tk)  # (B, KV, g, 1, Tk)
+    if cfg.select == "sum":
+        approx = approx.sum(2, keepdim=True)  # (B, KV, 1, 1, Tk)
+    chosen = select_tokens(approx, allowed[:, :1], cfg)  # (B, KV, 1|g, 1, Tk)
+    chosen = chosen.expand(b, kv, g, 1, tk).reshape(b, heads, tk)  # (B, H, Tk)
     valid = chosen.sum(-1)  # (B, H)
     idx = torch.sort(chosen.to(torch.int8), dim=-1, descending=True, stable=True).indices[..., :int(valid.max())]
     out = gather_attention(query[:, :, 0], key, value, idx, valid, scale=scaling)  # (B, H, D)

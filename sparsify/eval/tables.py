@@ -108,6 +108,10 @@ def quant_label(m: dict) -> str:
     return f"{kind} ({', '.join(bits)})"
 
 
+SELECT_WORDS = {"union": "one selection per kv head (its query heads' rankings merged)",
+                "sum": "one selection per kv head (summed scores)", "head": "one selection per query head"}
+
+
 def attention_label(section: dict) -> str:
     """A manifest's Double Sparsity section in words: statistic, channels, tokens, kept tokens, dense blocks."""
     c = section["config"]
@@ -119,7 +123,7 @@ def attention_label(section: dict) -> str:
     dense = section.get("dense_blocks") or []
     return (f"double sparsity: {chosen} channels, {section['channels']} of {section['head_dim']} per kv head at "
             f"{c['label_bits']} bits; {tokens} tokens per query ({c['sink']} sink + {c['recent']} recent kept), "
-            f"selected per {'kv head' if c.get('select', 'kv') == 'kv' else 'query head'}; "
+            f"{SELECT_WORDS.get(c.get('select'), c.get('select'))}; "
             + (f"block{'s' if len(dense) > 1 else ''} {dense[0]}{'' if len(dense) == 1 else f'-{dense[-1]}'} dense"
                if dense else "every block sparse"))
 

@@ -40,11 +40,23 @@ def _reference(q, k, v, channels, cfg: DoubleSparsityConfig, scaling: float) -> 
             fixed = [t for n, t in enumerate(ctx) if n < cfg.sink or len(ctx) - n <= cfg.recent]
             for h in range(heads):
                 j = h // g
-                group = range(j * g, (j + 1) * g) if cfg.select == "kv" else [h]
-                approx = {t: sum(float(q[bi, hh, i, channels[j]] @ labels[j][t]) for hh in group) / math.sqrt(r)
-                          for t in ctx}
-                rest = sorted((t for t in ctx if t not in fixed), key=lambda t: -approx[t])
-                chosen = fixed + rest[:max(0, budget - len(fixed))]
+                group = range(j * g, (j + 1) * g)
+                approx = {hh: {t: float(q[bi, hh, i, channels[j]] @ labels[j][t]) / math.sqrt(r) for t in ctx}
+                          for hh in group}
+                rest = [t for t in ctx if t not in fixed]
+                heavy = max(0, budget - len(fixed))
+                if cfg.select == "head":
+                    picked = sorted(rest, key=lambda t: -approx[h][t])[:heavy]
+                elif cfg.select == "sum":
+                    picked = sorted(rest, key=lambda t: -sum(approx[hh][t] for hh in group))[:heavy]
+                else:  # union: head by head, round by round, each head's next best token not yet taken
+                    ranking = {hh: sorted(rest, key=lambda t: -approx[hh][t]) for hh in group}
+                    picked = []
+                    for place in range(len(rest)):
+                        for hh in group:
+                            if len(picked) < heavy and ranking[hh][place] not in picked:
+                                picked.append(ranking[hh][place])
+                chosen = fixed + picked
                 s = torch.stack([q[bi, h, i] @ k[bi, j, t] for t in chosen]) * scaling
                 p = torch.softmax(s, 0)
                 out[bi, i, h] = sum(p[n] * v[bi, j, t] for n, t in enumerate(chosen))
@@ -59,10 +71,11 @@ def _qkv(b=2, heads=4, kv=2, tq=14, tk=14, d=16, seed=1):
 
 @pytest.mark.parametrize("cfg", [
     DoubleSparsityConfig(tokens=6, channels=4, label_bits=4, sink=1, recent=2),
+    DoubleSparsityConfig(tokens=7, channels=5, label_bits=4, sink=1, recent=1, select="sum"),
     DoubleSparsityConfig(tokens=5, channels=6, label_bits=8, sink=2, recent=1, select="head"),
     DoubleSparsityConfig(tokens=0.4, channels=3, label_bits=16, sink=0, recent=1),
-    DoubleSparsityConfig(tokens=4, channels=16, label_bits=16, sink=0, recent=0, select="head"),
-], ids=["kv-4bit", "head-8bit", "fraction-16bit", "all-channels"])
+    DoubleSparsityConfig(tokens=4, channels=16, label_bits=16, sink=0, recent=0, select="sum"),
+], ids=["union-4bit", "sum-4bit", "head-8bit", "union-fraction-16bit", "sum-all-channels"])
 def test_sparse_attention_matches_slow_reference(cfg):
     q, k, v = _qkv()
     channels = torch.stack([torch.randperm(16, generator=torch.Generator().manual_seed(j))[:cfg.channel_count(16)]
@@ -255,4 +268,6 @@ def test_kv_bytes_at_one_sixteenth_on_smollm2_shapes():
     assert kv["token_sparsity"] == kv["label_sparsity"] == 1 / 16
     assert kv["model"]["ratio"] == pytest.approx((2 + 28 * layer["ratio"]) / 30)
     per_head = kv_bytes(shape, DoubleSparsityConfig(tokens=128, channels=16, label_bits=4, select="head"), 2048)
+    assert kv_bytes(shape, DoubleSparsityConfig(tokens=128, channels=16, label_bits=4, select="sum"),
+                    2048)["per_sparse_layer"] == layer
     assert per_head["per_sparse_layer"]["gather"] == 3 * layer["gather"]  # 9 query heads read their own rows

@@ -21,7 +21,6 @@ from __future__ import annotations
 import os
 import sys
 import time
-from fractions import Fraction
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -35,23 +34,23 @@ def ds_config(level: str, statistic: str, args):
     from sparsify.attention.double_sparsity import DoubleSparsityConfig
 
     tokens, channels, bits = LEVELS[level]
-    return DoubleSparsityConfig(channels=channels, tokens=max(args.sink + args.recent + 1, round(tokens * args.context)),
-                                label_bits=bits, statistic=statistic, sink=args.sink, recent=args.recent,
-                                dense_layers=args.dense_layers, select=args.select)
+    k = max(args.sink + args.recent + 1, round(tokens * args.context))
+    return DoubleSparsityConfig(channels=channels, tokens=k, label_bits=bits, statistic=statistic, sink=args.sink,
+                                recent=args.recent, dense_layers=args.dense_layers, select=args.select)
 
 
 def main() -> None:
     ap = protocol_parser(__doc__)
     ap.set_defaults(samples=16, windows=2)
-    ap.add_argument("--context", type=int, default=2048, help="evaluation context (perplexity windows, passkey prompts)")
+    ap.add_argument("--context", type=int, default=2048, help="evaluation context (windows, passkey prompts)")
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--levels", default="1/4,1/8,1/16,1/32")
     ap.add_argument("--statistics", default="qk,q,k,random")
-    ap.add_argument("--passkey", default="dense,1/16:auto", help="configurations with passkey trials: dense, LEVEL:STAT")
+    ap.add_argument("--passkey", default="dense,1/16:auto", help="passkey runs: dense, LEVEL:STAT")
     ap.add_argument("--sink", type=int, default=4)
     ap.add_argument("--recent", type=int, default=32)
     ap.add_argument("--dense-layers", type=int, default=2)
-    ap.add_argument("--select", default="union", help="union | sum | head (sparsify.attention.ds_runtime.select_tokens)")
+    ap.add_argument("--select", default="union", help="union | sum | head (ds_runtime.select_tokens)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a loaded 2-core machine)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()

@@ -20,7 +20,10 @@ import math
 
 
 def kv_bytes(shape: dict, config, context: int, itemsize: int = 2) -> dict:
-    """Analytic KV bytes per decoded token at ``context`` cached tokens (``shape``: blocks, heads, kv_heads, head_dim)."""
+    """Analytic KV bytes per decoded token at ``context`` cached tokens.
+
+    ``shape``: {"blocks", "heads", "kv_heads", "head_dim"} of the model; ``itemsize``: bytes per cache value.
+    """
     d, kv, heads, blocks = shape["head_dim"], shape["kv_heads"], shape["heads"], shape["blocks"]
     r = config.channel_count(d)
     k = min(context, config.token_budget(context))

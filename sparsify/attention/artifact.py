@@ -62,7 +62,8 @@ class AttentionCalibration:
         heads = getattr(model_cfg, "num_attention_heads", kv)
         section = {"method": METHOD, "config": cfg.to_json(), "statistic": statistic, "selection": selection,
                    "head_dim": d, "kv_heads": kv, "heads": heads, "blocks": len(self.layers),
-                   "channels": cfg.channel_count(d), "dense_blocks": list(range(min(cfg.dense_layers, len(self.layers)))),
+                   "channels": cfg.channel_count(d),
+                   "dense_blocks": list(range(min(cfg.dense_layers, len(self.layers)))),
                    "calibration_tokens": int(stats[0].tokens),
                    "tensors": TENSOR.format("{i}") + ": int16 (kv_heads, head_dim), channels most important first"}
         return section, {TENSOR.format(i): r.to(torch.int16) for i, r in ranked.items()}

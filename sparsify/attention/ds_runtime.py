@@ -148,7 +148,8 @@ def query_labels(query: torch.Tensor, channels: torch.Tensor, select: str) -> to
     b, heads, tq, d = query.shape
     kv, r = channels.shape
     q = query.float().reshape(b, kv, heads // kv, tq, d)  # (B, KV, g, Tq, D)
-    q_lab = torch.gather(q, 4, channels[None, :, None, None, :].expand(*q.shape[:4], r)) / math.sqrt(r)  # (B, KV, g, Tq, r)
+    index = channels[None, :, None, None, :].expand(*q.shape[:4], r)
+    q_lab = torch.gather(q, 4, index) / math.sqrt(r)  # (B, KV, g, Tq, r)
     return q_lab.sum(2, keepdim=True) if select == "sum" else q_lab
 
 

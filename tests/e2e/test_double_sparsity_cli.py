@@ -69,6 +69,10 @@ def _bare(llama, tmp_path):
     return path
 
 
+def _neox(llama, tmp_path):
+    return make_tiny("gpt_neox", tmp_path / "neox")
+
+
 ERRORS = {
     "bad --ds-channels": (lambda l, t: l, DS + ["--ds-channels", "abc"], ["--ds-channels 'abc'", "1/4"]),
     "zero --ds-channels": (lambda l, t: l, DS + ["--ds-channels", "0"], ["--ds-channels", "fraction"]),
@@ -80,6 +84,7 @@ ERRORS = {
     "unknown --attention": (lambda l, t: l, ["--attention", "quest"], ["double-sparsity"]),
     "no room for top-k": (lambda l, t: l, DS + ["--ds-recent", "20"], ["no room"]),
     "--attention on an encoder": (_bert, DS, ["causal LMs", "drop --attention"]),
+    "--attention where no attention module is found": (_neox, DS, ["block 0", "not supported", "drop --attention"]),
     "--attention on a bare file": (_bare, ["--method", "magnitude"] + DS, ["--attention"]),
 }
 
@@ -121,3 +126,26 @@ def test_smollm2_calibrated_channels_beat_random():
         ppl[statistic] = perplexity(lm.model, windows, 2)["perplexity"]
         ds_runtime.uninstall(lm.model)
     assert dense < ppl["qk"] < ppl["random"], (dense, ppl)
+
+
+def test_bench_script_on_tiny_llama(llama, tmp_path):
+    """bench/double_sparsity.py end to end on the tiny Llama: rows, passkey runs, the JSON's protocol."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "ds.json"
+    proc = subprocess.run([sys.executable, str(root / "bench" / "double_sparsity.py"), "--model", str(llama),
+                           "--samples", "2", "--seq-len", "32", "--context", "128", "--windows", "1", "--trials", "1",
+                           "--levels", "1/4", "--statistics", "qk,random", "--passkey", "dense,1/4:random",
+                           "--sink", "1", "--recent", "2", "--dense-layers", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    rows = {(r["level"], r["statistic"]): r for r in result["rows"]}
+    assert set(rows) == {("dense", "-"), ("1/4", "qk"), ("1/4", "random")}
+    assert rows[("dense", "-")]["passkey_trials"] == rows[("1/4", "random")]["passkey_trials"] == 1
+    assert rows[("1/4", "qk")]["passkey"] is None and rows[("1/4", "qk")]["k"] == 32
+    assert result["auto"]["chosen"] in ("qk", "q", "k") and result["levels"]["1/4"]["label_bits"] == 16

@@ -271,3 +271,24 @@ def test_kv_bytes_at_one_sixteenth_on_smollm2_shapes():
     assert kv_bytes(shape, DoubleSparsityConfig(tokens=128, channels=16, label_bits=4, select="sum"),
                     2048)["per_sparse_layer"] == layer
     assert per_head["per_sparse_layer"]["gather"] == 3 * layer["gather"]  # 9 query heads read their own rows
+
+
+@pytest.mark.parametrize("family", ["gpt2", "falcon", "gemma2", "mixtral"])
+@torch.no_grad()
+def test_other_architectures_run_and_are_exact_when_k_covers_the_context(family):
+    """Conv1D GPT-2 (no rotary), Falcon (fused qkv), Gemma-2 (softcap, sliding window 8), Mixtral (MoE)."""
+    import transformers
+    from tiny_models import CLASSES, _config
+
+    torch.manual_seed(0)
+    model = getattr(transformers, CLASSES[family])(_config(family)).eval()
+    layers = ds_runtime.attention_layers(model)
+    kv = layers[0].config.num_key_value_heads if family != "gpt2" else 4
+    channels = {i: torch.stack([torch.randperm(layers[0].head_dim) for _ in range(kv)]) for i in range(len(layers))}
+    ids = torch.randint(5, 500, (1, 24), generator=torch.Generator().manual_seed(0))
+    dense = model(input_ids=ids).logits
+    ds_runtime.install(model, channels, DoubleSparsityConfig(tokens=64, channels=4, sink=1, recent=2, dense_layers=0))
+    torch.testing.assert_close(model(input_ids=ids).logits, dense, rtol=1e-5, atol=1e-5)
+    ds_runtime.install(model, channels, DoubleSparsityConfig(tokens=6, channels=4, sink=1, recent=2, dense_layers=0))
+    assert not torch.allclose(model(input_ids=ids).logits, dense, atol=1e-3)
+    assert model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0).shape == (1, 27)

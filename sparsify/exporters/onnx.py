@@ -32,7 +32,7 @@ from torch import nn
 from sparsify.atomic import atomic_dir
 from sparsify.errors import UserError
 from sparsify.exporters.artifact import copy_side_files, read_manifest
-from sparsify.exporters.onnx_kv import experts_for_export
+from sparsify.exporters.onnx_kv import KVWrap, experts_for_export
 
 OPSETS = range(18, 24)
 PROTO_LIMIT = 2_000_000_000  # bytes: protobuf's hard limit for one file
@@ -54,6 +54,16 @@ class _Wrap(nn.Module):
         out = self.model(**kw, **({"use_cache": False} if self.output == "logits" and input_ids is not None else {}))
         return (out.image_embeds, out.text_embeds) if self.output == "embeds" else getattr(out, self.output)
 
+    output_axes: dict = {}  # outputs take their axes from the trace
+
+    def run(self, inputs: dict):
+        return self(**inputs)
+
+    @staticmethod
+    def export_args(inputs: dict, axes: dict, dims: dict) -> tuple[tuple, dict, dict]:
+        """(positional args, keyword args, torch.export dynamic shapes): every input by keyword."""
+        return (), inputs, {k: {ax: dims[d] for ax, d in axes[k].items()} for k in inputs}
+
 
 def graph_io(loaded, kv_cache: bool = False) -> tuple[nn.Module, list[str], dict[str, dict[int, str]], str]:
     """(wrapper module, output names, {input: {axis: dim name}}, why a causal LM has no cache graph or "").
@@ -61,16 +71,14 @@ def graph_io(loaded, kv_cache: bool = False) -> tuple[nn.Module, list[str], dict
     ``kv_cache``: causal LMs get the one-step graph with past / present keys and values (`onnx_kv`)
     when their cache allows it.
     """
-    family, model = loaded.family.name, loaded.model
+    family, model, why = loaded.family.name, loaded.model, ""
     if family == "causal-lm" and kv_cache:
-        from sparsify.exporters.onnx_kv import KVWrap, probe_cache
+        from sparsify.exporters.onnx_kv import probe_cache
 
         shape, why = probe_cache(model, sample_inputs(loaded, ["input_ids"]))
         if shape is not None:
             wrapper = KVWrap(model, shape).eval()
             return wrapper, wrapper.outputs, wrapper.axes, ""
-    else:
-        why = ""
     if family in ("encoder", "image-encoder"):
         model = getattr(model, "base_model", model)
     text = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}}
@@ -118,8 +126,6 @@ def _io(wrapper, loaded, axes) -> tuple[dict, dict]:
 
     The cache graph is traced after 3 cached tokens and checked on a prompt with none (then greedy
     decoding checks one new token after many)."""
-    from sparsify.exporters.onnx_kv import KVWrap
-
     if isinstance(wrapper, KVWrap):
         text = sample_inputs(loaded, ["input_ids", "attention_mask"])
         return wrapper.inputs(text, past=0), wrapper.inputs(_other_shapes(text), past=3)
@@ -127,16 +133,10 @@ def _io(wrapper, loaded, axes) -> tuple[dict, dict]:
     return inputs, _other_shapes(inputs)
 
 
-def _call(wrapper, inputs: dict):
-    from sparsify.exporters.onnx_kv import KVWrap
-
-    return wrapper(*inputs.values()) if isinstance(wrapper, KVWrap) else wrapper(**inputs)
-
-
 @torch.inference_mode()
 def _reference(wrapper, inputs, outputs) -> dict[str, torch.Tensor]:
     """Outputs of the artifact itself (packed SparseLinears; w8a8 rounds activations) as float32, by name."""
-    out = _call(wrapper, inputs)
+    out = wrapper.run(inputs)
     return {n: o.float() for n, o in zip(outputs, out if isinstance(out, tuple) else (out,))}
 
 
@@ -144,15 +144,9 @@ def _trace(wrapper, inputs, outputs, axes, opset, tmp: Path):
     """Trace ``wrapper`` to an onnx_ir model (dynamo exporter; TorchScript exporter if that fails)."""
     import onnx_ir as ir
 
-    from sparsify.exporters.onnx_kv import KVWrap
-
     dims = {name: torch.export.Dim(name) for name in {d for a in axes.values() for d in a.values()}}
-    if isinstance(wrapper, KVWrap):
-        (args, dynamic), kwargs = wrapper.export_args(inputs, axes, dims), {}
-        axes = {**axes, **wrapper.output_axes}
-    else:
-        args, kwargs = (), inputs
-        dynamic = {k: {ax: dims[d] for ax, d in axes[k].items()} for k in inputs}
+    args, kwargs, dynamic = wrapper.export_args(inputs, axes, dims)
+    axes = {**axes, **wrapper.output_axes}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -274,7 +268,7 @@ def _export(artifact: Path, out: Path, opset: int, verify: bool, tolerance, exte
 @torch.inference_mode()
 def _greedy_reference(wrapper, inputs: dict):
     """The artifact's own greedy continuation of the first sample sentence (cache graphs only)."""
-    from sparsify.exporters.onnx_kv import KVWrap, greedy
+    from sparsify.exporters.onnx_kv import greedy
 
     if not isinstance(wrapper, KVWrap):
         return None

@@ -106,14 +106,17 @@ class KVWrap(nn.Module):
             out[name] = torch.randn(t.shape[0], t.shape[1], past, t.shape[3], generator=g)  # (B, kv, past, d)
         return out
 
+    def run(self, inputs: dict):
+        return self(*inputs.values())
+
     @staticmethod
-    def export_args(inputs: dict, axes: dict, dims: dict) -> tuple[tuple, dict]:
-        """Positional trace arguments and torch.export's dynamic shapes (all after the mask are ``*rest``)."""
+    def export_args(inputs: dict, axes: dict, dims: dict) -> tuple[tuple, dict, dict]:
+        """(positional args, no keyword args, torch.export's dynamic shapes): all after the mask are ``*rest``."""
         spec = {k: {ax: dims[d] for ax, d in axes[k].items()} for k in inputs}
         names = list(inputs)
         dynamic = {"input_ids": spec["input_ids"], "attention_mask": spec["attention_mask"],
                    "rest": tuple(spec[n] for n in names[2:])}
-        return tuple(inputs.values()), dynamic
+        return tuple(inputs.values()), {}, dynamic
 
     def step(self, ids, mask, positions, past):
         """`greedy`'s step through this module (the artifact in PyTorch)."""

@@ -39,6 +39,16 @@ def dense_weights(artifact: Path) -> dict[str, torch.Tensor]:
     return {name: m.dense_weight() for name, m in model.named_modules() if isinstance(m, SparseLinear)}
 
 
+def bare_copy(model_dir: Path, tmp_path: Path) -> Path:
+    """The weights of ``model_dir`` alone, as a bare ``.safetensors`` file without config.json."""
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "in" / "weights.safetensors"
+    path.parent.mkdir()
+    save_file(load_file(model_dir / "model.safetensors"), path)
+    return path
+
+
 def listing(path: Path) -> list[str]:
     return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
 

@@ -4,22 +4,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import cli, listing
+from helpers import bare_copy, cli, listing
 from tiny_models import make_tiny
 
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
     return make_tiny("llama", tmp_path_factory.mktemp("tiny") / "llama")
-
-
-def _bare(llama, tmp_path):
-    from safetensors.torch import load_file, save_file
-
-    path = tmp_path / "in" / "weights.safetensors"
-    path.parent.mkdir()
-    save_file(load_file(llama / "model.safetensors"), path)
-    return path
 
 
 def _unsupported(llama, tmp_path):
@@ -84,7 +75,7 @@ CASES = {
     "scheme 4:2": (lambda l, t: l, ["--scheme", "4:2"], ["4:2"]),
     "sparsity 1": (lambda l, t: l, ["--sparsity", "1.0"], ["[0, 1)"]),
     "sparsity negative": (lambda l, t: l, ["--sparsity", "-0.1"], ["[0, 1)"]),
-    "calibrated method on bare file": (_bare, ["--method", "wanda"], ["--method magnitude"]),
+    "calibrated method on bare file": (bare_copy, ["--method", "wanda"], ["--method magnitude"]),
     "empty calibration text": (lambda l, t: l, ["--calib", "EMPTY"], ["empty"]),
     "too-short calibration text": (lambda l, t: l, ["--calib", "SHORT"], ["--seq-len"]),
     "unsupported architecture": (_unsupported, [], ["Wav2Vec2ForCTC", "ctc", "sparsify handles"]),
@@ -108,8 +99,8 @@ CASES = {
     "group size with int8": (lambda l, t: l, ["--quant", "int8", "--group-size", "64"], ["--quant int4"]),
     "unknown scheme": (lambda l, t: l, ["--scheme", "blocky"], ["'unstructured'", "2:4"]),
     "float64": (lambda l, t: l, ["--dtype", "float64"], ["float32, float16, bfloat16"]),
-    "float64 on a bare file": (_bare, ["--dtype", "float64"], ["float32, float16, bfloat16"]),
-    "cuda without a GPU, bare file": (_bare, ["--device", "cuda"], ["--device cpu"]),
+    "float64 on a bare file": (bare_copy, ["--dtype", "float64"], ["float32, float16, bfloat16"]),
+    "cuda without a GPU, bare file": (bare_copy, ["--device", "cuda"], ["--device cpu"]),
     "unknown device": (lambda l, t: l, ["--device", "gpu"], ["cpu, cuda"]),
 }
 

@@ -6,7 +6,7 @@ import importlib.util
 
 import pytest
 import torch
-from helpers import SMALL_CALIB, cli, cli_json, listing, nm_ok
+from helpers import SMALL_CALIB, bare_copy, cli, cli_json, listing, nm_ok
 from tiny_models import make_tiny
 
 DS = ["--attention", "double-sparsity", "--ds-tokens", "16", "--ds-sink", "1", "--ds-recent", "2",
@@ -60,15 +60,6 @@ def _bert(llama, tmp_path):
     return make_tiny("bert", tmp_path / "bert")
 
 
-def _bare(llama, tmp_path):
-    from safetensors.torch import load_file, save_file
-
-    path = tmp_path / "in" / "weights.safetensors"
-    path.parent.mkdir()
-    save_file(load_file(llama / "model.safetensors"), path)
-    return path
-
-
 def _neox(llama, tmp_path):
     return make_tiny("gpt_neox", tmp_path / "neox")
 
@@ -85,7 +76,7 @@ ERRORS = {
     "no room for top-k": (lambda l, t: l, DS + ["--ds-recent", "20"], ["no room"]),
     "--attention on an encoder": (_bert, DS, ["causal LMs", "drop --attention"]),
     "--attention where no attention module is found": (_neox, DS, ["block 0", "not supported", "drop --attention"]),
-    "--attention on a bare file": (_bare, ["--method", "magnitude"] + DS, ["--attention"]),
+    "--attention on a bare file": (bare_copy, ["--method", "magnitude"] + DS, ["--attention"]),
 }
 
 

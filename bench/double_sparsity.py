@@ -36,7 +36,8 @@ def ds_config(level: str, statistic: str, args):
     tokens, channels, bits = LEVELS[level]
     k = max(args.sink + args.recent + 1, round(tokens * args.context))
     return DoubleSparsityConfig(channels=channels, tokens=k, label_bits=bits, statistic=statistic, sink=args.sink,
-                                recent=args.recent, dense_layers=args.dense_layers, select=args.select)
+                                recent=args.recent, dense_layers=args.dense_layers, select=args.select,
+                                label_scale=args.label_scale)
 
 
 def main() -> None:
@@ -50,7 +51,8 @@ def main() -> None:
     ap.add_argument("--sink", type=int, default=4)
     ap.add_argument("--recent", type=int, default=32)
     ap.add_argument("--dense-layers", type=int, default=2)
-    ap.add_argument("--select", default="union", help="union | sum | head (ds_runtime.select_tokens)")
+    ap.add_argument("--select", default="max", help="max | union | sum | head (ds_runtime.select_tokens)")
+    ap.add_argument("--label-scale", default="channel", help="channel | token: the grid of 4 / 8-bit labels")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a loaded 2-core machine)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -60,7 +62,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from sparsify.attention import ds_runtime
     from sparsify.attention.accounting import kv_bytes
-    from sparsify.attention.double_sparsity import collect_stats, rankings
+    from sparsify.attention.double_sparsity import collect_stats, label_ranges, rankings
     from sparsify.attention.ds_select import choose
     from sparsify.calibrate.batches import build_batches
     from sparsify.calibrate.data import eval_windows, load_text
@@ -90,6 +92,7 @@ def main() -> None:
     windows = eval_windows(lm.tokenizer, load_text("builtin", "eval"), args.context, args.windows)
     ranked = {s: rankings(stats, s, args.seed) for s in ("qk", "q", "k", "random")}
     ranked["auto"] = ranked[chosen]
+    ranges = label_ranges(stats)
     passkey_runs = set(args.passkey.split(",")) if args.passkey else set()
     rows = []
 
@@ -98,7 +101,7 @@ def main() -> None:
         row = {"level": level or "dense", "statistic": statistic or "-"}
         if level is not None:
             c = ds_config(level, statistic, args)
-            ds_runtime.install(lm.model, ranked[statistic], c)
+            ds_runtime.install(lm.model, ranked[statistic], c, ranges)
             kv = kv_bytes(shape, c, args.context)
             row.update(k=kv["k"], channels=kv["channels"], label_bits=c.label_bits,
                        kv_ratio_layer=round(kv["per_sparse_layer"]["ratio"], 4),
@@ -134,7 +137,11 @@ def main() -> None:
                    for lv, (tok, ch, bits) in LEVELS.items() if lv in args.levels.split(",")},
         "double_sparsity": {"sink": args.sink, "recent": args.recent, "select": args.select,
                             "dense_layers": args.dense_layers,
-                            "label_quantization": "per token, round-to-nearest over [min, max] with a zero point"},
+                            "label_scale": args.label_scale,
+                            "label_quantization": "round-to-nearest, " + (
+                                "per key channel over exactly the range calibration saw (values beyond clip)"
+                                if args.label_scale == "channel" else
+                                "per token over [min(x, 0), max(x, 0)] with an integer zero point")},
         "calibration": {"source": "builtin", "samples": args.samples, "seq_len": args.seq_len, "seed": args.seed,
                         "seconds": round(calib_s, 1)},
         "auto": {**selection, "level": "1/16", "seconds": round(select_s, 1)},

@@ -61,10 +61,11 @@ def prune(
     ds_channels: Optional[str] = typer.Option(None, help="double-sparsity: label channels per kv head, a fraction of the head size (default 1/4) or a count."),
     ds_tokens: Optional[str] = typer.Option(None, help="double-sparsity: tokens each query attends to, sink and recent included: a count (default 128) or a fraction of its context (1/16)."),
     ds_label_bits: Optional[int] = typer.Option(None, help="double-sparsity: label cache precision 4 (default) | 8 | 16."),
+    ds_label_scale: Optional[str] = typer.Option(None, help="double-sparsity: grid of 4 / 8-bit labels: channel (default: one scale and zero point per key channel, calibrated; the cache holds codes only) | token (one per cached token)."),
     ds_statistic: Optional[str] = typer.Option(None, help="double-sparsity: channel ranking qk | q | k | random | auto (default: the lowest KL on held-out calibration windows among qk, q, k)."),
     ds_sink: Optional[int] = typer.Option(None, help="double-sparsity: first tokens always kept (default 4)."),
     ds_recent: Optional[int] = typer.Option(None, help="double-sparsity: most recent tokens always kept (default 32)."),
-    ds_select: Optional[str] = typer.Option(None, help="double-sparsity: union (default: one selection per kv head, filled round-robin from its query heads' rankings) | sum (ranked by their summed scores) | head (one selection per query head; reads g times more)."),
+    ds_select: Optional[str] = typer.Option(None, help="double-sparsity: max (default: one selection per kv head, the tokens with the highest estimated attention probability under any of its query heads) | union (filled round-robin from their rankings) | sum (ranked by their summed scores) | head (one selection per query head; reads g times more)."),
     ds_dense_layers: Optional[int] = typer.Option(None, help="double-sparsity: first blocks kept dense (default 2)."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
     layer: dict = None,
@@ -84,10 +85,12 @@ def prune(
         calib=CalibConfig(source=calib, samples=samples, seq_len=seq_len, seed=seed, batch_size=batch_size),
         device=device_name(device),
         attention=attention_config(attention, channels=ds_channels, tokens=ds_tokens, label_bits=ds_label_bits,
-                                   statistic=ds_statistic, sink=ds_sink, recent=ds_recent, select=ds_select,
+                                   label_scale=ds_label_scale, statistic=ds_statistic, sink=ds_sink, recent=ds_recent, select=ds_select,
                                    dense_layers=ds_dense_layers, seed=seed))
     manifest = run_prune(model, config, output, overwrite=overwrite, cache_dir=layer["cache_dir"],
                          trust_remote_code=layer["trust_remote_code"], save_allocation=save_allocation)
+    if manifest is None:  # a process other than rank 0 under torchrun: rank 0 reports
+        return
     from sparsify.render import prune_summary
 
     emit(manifest, as_json, lambda m: prune_summary(m, output))
@@ -164,16 +167,31 @@ def bench(
     artifact: str = typer.Argument(..., help="Artifact directory written by 'sparsify prune'."),
     tokens: list[int] = typer.Option([1, 16, 128], "--tokens", help="Token counts for the per-layer timings; repeatable."),
     prompt_len: int = typer.Option(128, help="Prompt length of the whole-model prefill (decode runs on top of it)."),
+    decode_tokens: int = typer.Option(32, help="Causal LMs: greedy decode steps timed per run, at batch 1 and 8."),
+    generation: bool = typer.Option(True, "--generation/--no-generation", help="End-to-end prefill / decode tokens/s (LMs) or items/s at batch 1 and 32 (others) against the dense source model."),
+    cache_dense: bool = typer.Option(False, "--cache-dense", help="CPU: keep a dense copy of packed weights that have no fast CPU kernel (as SPARSIFY_CPU_CACHE=1; costs their dense bytes)."),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's own)."),
     reps: int = typer.Option(7, help="Timed repetitions (median reported)."),
     device: str = typer.Option("auto", help="cpu, cuda, or auto."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ):
-    """Time the packed artifact against its dense twin: each layer shape, prefill and decode."""
+    """Time the packed artifact against its dense twin (each layer shape, prefill, decode) and its dense source (generation)."""
+    import os
+
+    from sparsify.errors import UserError
     from sparsify.eval.latency import bench as run_bench
     from sparsify.render import bench_tables
 
-    emit(run_bench(artifact, token_counts=tuple(tokens), prompt_len=prompt_len, device=device_name(device), reps=reps),
-          as_json, bench_tables)
+    if min(prompt_len, decode_tokens, reps, 1 if threads is None else threads, *tokens) < 1:
+        raise UserError("--tokens, --prompt-len, --decode-tokens, --reps and --threads must be at least 1")
+    if cache_dense:
+        os.environ["SPARSIFY_CPU_CACHE"] = "1"
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    emit(run_bench(artifact, token_counts=tuple(tokens), prompt_len=prompt_len, device=device_name(device), reps=reps,
+                   decode_tokens=decode_tokens, generate=generation), as_json, bench_tables)
 
 
 @app.command()

@@ -4,7 +4,8 @@ The offline step only: resolve and load the checkpoint, resolve the per-layer pl
 ``--plan`` rules), let the allocator set per-layer sparsity, run the block-by-block runner with
 each layer's pruner (quantizing each weight right after, or inside SparseGPT's column loop), then
 pack every compressed weight in its own format and write the artifact atomically. Bare
-``.safetensors`` files (no config) go to `sparsify.bare`.
+``.safetensors`` files (no config) go to `sparsify.bare`. Under torchrun the calibration is
+data-parallel and rank 0 alone finishes and writes (`sparsify.calibrate.distributed`).
 """
 from __future__ import annotations
 
@@ -103,56 +104,79 @@ def plan_json(planned: Planned, rules, source) -> dict:
 
 
 def prune(model: str, config: PruneConfig, out: str | Path, *, overwrite: bool = False,
-          cache_dir: str | None = None, trust_remote_code: bool = False, save_allocation: str | None = None) -> dict:
+          cache_dir: str | None = None, trust_remote_code: bool = False,
+          save_allocation: str | None = None) -> dict | None:
     """Prune ``model`` (path or alias) with ``config`` into the artifact directory ``out``; returns the manifest.
 
-    ``save_allocation``: also write the resolved (allocated) plan there as a rules file.
+    ``save_allocation``: also write the resolved (allocated) plan there as a rules file. Under torchrun
+    (`sparsify.calibrate.distributed`) the calibration is data-parallel, rank 0 writes and returns the
+    manifest, the other processes write nothing and return None.
     """
+    from sparsify.calibrate import distributed
+
+    distributed.check_supported(config)
+    with distributed.session(config.device):
+        return _prune(model, config, out, overwrite=overwrite, cache_dir=cache_dir,
+                      trust_remote_code=trust_remote_code, save_allocation=save_allocation)
+
+
+def _prune(model: str, config: PruneConfig, out: str | Path, *, overwrite: bool, cache_dir: str | None,
+           trust_remote_code: bool, save_allocation: str | None) -> dict | None:
+    from sparsify.calibrate import distributed
     from sparsify.models.load import load_model, resolve, sha256_files
     from sparsify.pruning import prune_model
     from sparsify.quant.spec import QuantSpec
 
-    source = resolve(model, cache_dir=cache_dir)
-    out = check_output(out, [source.path, *source.weight_files], overwrite)
-    rules, rules_source = config_rules(config)
-    method_config(registry.get(registry.ALLOCATORS, config.allocation, "allocation"), config.allocation_args,
-                  "allocation")  # bad allocator options fail before the model loads
-    if save_allocation and not Path(save_allocation).resolve().parent.is_dir():
-        raise UserError(f"--save-allocation {save_allocation}: its directory does not exist: create it first")
-    spec = QuantSpec.parse(config.quant, config.group_size)
-    format_for(config.scheme)  # a scheme without a packed format fails before the model loads
-    if source.kind == "safetensors-file":
-        from sparsify.bare import prune_bare
+    source = distributed.main_first(resolve, model, cache_dir=cache_dir)
+    with distributed.agreed():  # rank 0 alone checks the output; a model that fails to load on one node stops all
+        out = check_output(out, [source.path, *source.weight_files], overwrite) if distributed.is_main() else Path(out)
+        rules, rules_source = config_rules(config)
+        method_config(registry.get(registry.ALLOCATORS, config.allocation, "allocation"), config.allocation_args,
+                      "allocation")  # bad allocator options fail before the model loads
+        if save_allocation and not Path(save_allocation).resolve().parent.is_dir():
+            raise UserError(f"--save-allocation {save_allocation}: its directory does not exist: create it first")
+        spec = QuantSpec.parse(config.quant, config.group_size)
+        format_for(config.scheme)  # a scheme without a packed format fails before the model loads
+        if source.kind == "safetensors-file":
+            from sparsify.bare import prune_bare
 
-        if spec is not None or config.distill_steps or rules or config.allocation != "uniform" or config.attention:
-            raise UserError("a bare .safetensors file supports magnitude pruning only: drop --quant / --distill-steps "
-                            "/ --plan / --allocation / --attention, or pass the model directory (with config.json)")
-        pruner = registry.get(registry.PRUNERS, config.method, "method")
-        return prune_bare(source, config, pruner, method_config(pruner, config.method_args), out, overwrite)
-    t0 = time.perf_counter()
-    loaded = load_model(source, dtype=config.dtype, device=config.device, trust_remote_code=trust_remote_code)
-    check_finite_weights(loaded.model)
-    planned = build_plan(loaded.model, config, rules)
-    attention = None
-    if config.attention is not None:
-        from sparsify.attention.artifact import AttentionCalibration
+            if distributed.world() > 1:
+                raise UserError(f"a bare .safetensors file (no calibration) {distributed.SINGLE}")
+            if spec is not None or config.distill_steps or rules or config.allocation != "uniform" or config.attention:
+                raise UserError("a bare .safetensors file supports magnitude pruning only: drop --quant / "
+                                "--distill-steps / --plan / --allocation / --attention, or pass the model directory "
+                                "(with config.json)")
+            pruner = registry.get(registry.PRUNERS, config.method, "method")
+            return prune_bare(source, config, pruner, method_config(pruner, config.method_args), out, overwrite)
+        t0 = time.perf_counter()
+        loaded = load_model(source, dtype=config.dtype, device=config.device, trust_remote_code=trust_remote_code)
+        check_finite_weights(loaded.model)
+        planned = build_plan(loaded.model, config, rules)
+        attention = None
+        if config.attention is not None:
+            from sparsify.attention.artifact import AttentionCalibration
 
-        attention = AttentionCalibration(loaded, config.attention)
+            attention = AttentionCalibration(loaded, config.attention)
     t1 = time.perf_counter()
     cache: dict = {}
 
     def batches():
         if "batches" not in cache:
-            cache["batches"] = calibration_batches(loaded, config.calib)
+            with distributed.agreed():  # first asked for at the same point on every process
+                cache["batches"] = calibration_batches(loaded, config.calib)
         return cache["batches"]
 
     planned, allocation = allocate(loaded, planned, config, batches)
     if save_allocation:
         from sparsify.plan import save_rules
 
-        save_rules(planned.plans, save_allocation, note=f"sparsify {config.allocation} allocation of {model}")
+        with distributed.agreed():
+            if distributed.is_main():
+                save_rules(planned.plans, save_allocation, note=f"sparsify {config.allocation} allocation of {model}")
     result = prune_model(loaded.model, planned, batches, device=config.device, joint_quant=config.joint_quant,
                          observers=attention.observers if attention else None)
+    if not distributed.is_main():
+        return None  # rank 0 finishes alone: attention rankings, manifest, artifact
     attention_section, attention_tensors = None, None
     if attention is not None:
         used = calibration_info(cache["batches"], config.calib)["seq_len"]
@@ -179,6 +203,7 @@ def prune(model: str, config: PruneConfig, out: str | Path, *, overwrite: bool =
         "distill": distill, "attention": attention_section, "skipped": planned.skipped, "solver": result.solver,
         "warnings": result.warnings,
         "timing": {"prune_s": round(prune_s, 2), "calibrate_prune_s": round(calibrate_prune_s, 2),
-                   "peak_rss_mb": round(peak_rss_mb(), 1)},
+                   "peak_rss_mb": round(peak_rss_mb(), 1),
+                   **({"processes": distributed.world()} if distributed.world() > 1 else {})},
     }
     return write_artifact(loaded, planned, result.qparams, out, overwrite, manifest, extra=attention_tensors)

@@ -36,6 +36,10 @@ def set_enabled(flag: bool) -> None:
     _enabled = flag
 
 
+def is_enabled() -> bool:
+    return _enabled
+
+
 @contextmanager
 def bar(description: str, total: int):
     """Yields ``advance(n=1, label=None)``; draws a rich bar on stderr when enabled and stderr is a terminal or

@@ -59,7 +59,31 @@ def bench_tables(r: dict) -> list:
             whole.add_row(phase, str(s["tokens"]), f"{s['ms']:.2f}", f"{d['ms']:.2f}",
                           f"{d['ms'] / s['ms']:.2f}x")
     note = [f"[yellow]note:[/yellow] {r['note']}"] if r.get("note") else []
-    return [layers, whole, f"bytes limit of the whole artifact's packed weights: {r['bytes_limit']:.2f}x", *note]
+    gen = generation_tables(r["generation"]) if r.get("generation") else []
+    return [layers, whole, f"bytes limit of the whole artifact's packed weights: {r['bytes_limit']:.2f}x", *gen, *note]
+
+
+def generation_tables(g: dict) -> list:
+    """`sparsify bench`'s end-to-end rows (prefill / decode tokens/s, or items/s) and memory per model."""
+    unit = g["unit"]
+    t = Table("phase", "batch", "tokens", f"packed {unit}", f"dense {unit}", "speedup",
+              title=f"end to end against {g['dense_model']}", caption_justify="left",
+              caption=f"median of {g['reps']} interleaved runs; decode: {g['decode_tokens']} greedy steps with the "
+                      f"KV cache after a {g['prompt_len']}-token prompt" if g["decode_tokens"] else
+                      f"median of {g['reps']} interleaved runs")
+    for row in g["rows"]:
+        t.add_row(row["phase"], str(row["batch"]), str(row["tokens"] or "-"), f"{row['sparse_per_s']:.1f}",
+                  f"{row['dense_per_s']:.1f}", f"{row['speedup']['sparse']:.2f}x")
+    peak_mb = g["memory"]["process_peak_rss_bytes"] / 2**20
+    mem = Table("model", "weights MB", "dispatch cache MB", "peak MB", title="memory", caption_justify="left",
+                caption="peak: CUDA, the most allocated during the model's runs; CPU, how far its runs raised the "
+                        f"process's resident memory (process peak {peak_mb:.0f} MB)")
+    for name in ("sparse", "dense"):
+        m = g["memory"][name]
+        peak = m.get("peak_allocated_bytes", m.get("rss_growth_bytes", 0))
+        mem.add_row("packed" if name == "sparse" else "dense", f"{m['weights_bytes'] / 2**20:.1f}",
+                    f"{m['dispatch_cache_bytes'] / 2**20:.1f}", f"{peak / 2**20:.1f}")
+    return [t, mem]
 
 
 def models_table(rows: list[dict]) -> list:

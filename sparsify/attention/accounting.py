@@ -5,13 +5,15 @@ cache items of ``itemsize`` bytes, r label channels of ``bits`` bits and k selec
 
   dense   = KV * T * d * 2 * itemsize                        (all of K and V)
   labels  = KV * T * ceil(r * bits / 8)                       (the label cache; 4-bit codes two a byte)
-  meta    = KV * T * 2 * itemsize  when bits < 16             (a scale and a zero point per token)
+  meta    = KV * T * 2 * itemsize  when bits < 16, per token   (a scale and a zero point per token)
+          = KV * r * 2 * 4         when bits < 16, per channel (the fp32 calibrated grid, not per token)
   gather  = S * k * d * 2 * itemsize                          (K and V rows of the selected tokens)
 
-S is KV when one selection serves the query heads of a kv head (``select`` "union" or "sum": a kernel
+S is KV when one selection serves the query heads of a kv head (``select`` "max", "union" or "sum": a kernel
 reads each selected row once per group) and H when every query head selects its own tokens ("head").
-The first ``dense_layers`` blocks read like dense. `sparsify.kernels.triton.ds_attention.kv_bytes_read`
-counts the same terms per kernel call (its gather loads rows per query head, so it counts H).
+The first ``dense_layers`` blocks read like dense. The kernels of `sparsify.kernels.triton.ds_attention`
+count the bytes they load, and `kv_bytes_read` states the same terms per call (a selection shared per kv
+head, idx (B, KVH, k), loads each row once for the group): tests hold the three to one another.
 "Level" follows METHODS.md: token sparsity k / T and label sparsity r * bits / (d * 16).
 """
 from __future__ import annotations
@@ -31,13 +33,14 @@ def kv_bytes(shape: dict, config, context: int, itemsize: int = 2) -> dict:
     readers = heads if config.select == "head" else kv
     dense = kv * context * d * 2 * itemsize
     labels = kv * context * math.ceil(r * bits / 8)
-    meta = kv * context * 2 * itemsize if bits < 16 else 0
+    meta = 0 if bits >= 16 else kv * context * 2 * itemsize if config.label_scale == "token" else kv * r * 2 * 4
     gather = readers * k * d * 2 * itemsize
     sparse = labels + meta + gather
     dense_blocks = min(config.dense_layers, blocks)
     model_dense = blocks * dense
     model_sparse = dense_blocks * dense + (blocks - dense_blocks) * sparse
-    return {"context": context, "k": k, "channels": r, "label_bits": bits, "kv_itemsize": itemsize,
+    return {"context": context, "k": k, "channels": r, "label_bits": bits, "label_scale": config.label_scale,
+            "kv_itemsize": itemsize,
             "select": config.select, "token_sparsity": k / context, "label_sparsity": r * bits / (d * 16),
             "per_sparse_layer": {"dense": dense, "labels": labels, "label_meta": meta, "gather": gather,
                                  "sparse": sparse, "ratio": sparse / dense,

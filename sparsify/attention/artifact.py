@@ -3,16 +3,18 @@
 `AttentionCalibration` is what `sparsify.pipeline.prune` drives: it checks the model up front,
 hands the runner its observer, and after the block-by-block pass turns the statistics into the
 channel rankings (choosing the statistic for ``auto``), the tensors ``ds.layers.{i}.channels``
-(int16 (kv_heads, head_dim), most important channel first) and the manifest's "attention" section.
-`take_channels` / `install_from_manifest` are the loading side (`sparsify.load`).
+(int16 (kv_heads, head_dim), most important channel first), for a per-channel label grid
+``ds.layers.{i}.label_range`` (float32 (2, kv_heads, head_dim): each key channel's calibrated
+[min; max]), and the manifest's "attention" section.
+`take_calibration` / `install_from_manifest` are the loading side (`sparsify.load`).
 """
 from __future__ import annotations
 
 import torch
 
 from sparsify.attention import ds_runtime
-from sparsify.attention.double_sparsity import (TENSOR, ChannelCalibration, DoubleSparsityConfig, attention_modules,
-                                                rankings)
+from sparsify.attention.double_sparsity import (RANGE, TENSOR, ChannelCalibration, DoubleSparsityConfig,
+                                                attention_modules, label_ranges, rankings)
 from sparsify.errors import UserError
 
 METHOD = "double-sparsity"
@@ -66,7 +68,11 @@ class AttentionCalibration:
                    "dense_blocks": list(range(min(cfg.dense_layers, len(self.layers)))),
                    "calibration_tokens": int(stats[0].tokens),
                    "tensors": TENSOR.format("{i}") + ": int16 (kv_heads, head_dim), channels most important first"}
-        return section, {TENSOR.format(i): r.to(torch.int16) for i, r in ranked.items()}
+        tensors = {TENSOR.format(i): r.to(torch.int16) for i, r in ranked.items()}
+        if cfg.needs_ranges:
+            section["tensors"] += "; " + RANGE.format("{i}") + ": float32 (2, kv_heads, head_dim), channel [min; max]"
+            tensors.update({RANGE.format(i): r for i, r in label_ranges(stats).items()})
+        return section, tensors
 
 
 def kv_bytes_at(manifest: dict, context: int, itemsize: int = 2) -> dict:
@@ -77,22 +83,27 @@ def kv_bytes_at(manifest: dict, context: int, itemsize: int = 2) -> dict:
     return kv_bytes(section, DoubleSparsityConfig.from_json(section["config"]), context, itemsize)
 
 
-def take_channels(manifest: dict, tensors: dict[str, torch.Tensor]) -> dict[int, torch.Tensor] | None:
-    """Pop the channel rankings out of an artifact's tensors: {block: (kv_heads, head_dim) int64}, or None."""
+def take_calibration(manifest: dict, tensors: dict[str, torch.Tensor]) -> tuple[dict, dict | None] | None:
+    """Pop Double Sparsity's tensors out of an artifact's tensors: ({block: (kv_heads, head_dim) int64 ranking},
+    {block: (2, kv_heads, head_dim) channel range} or None), or None without an attention section."""
     section = manifest.get("attention")
     if not section:
         return None
     if section.get("method") != METHOD:
         raise UserError(f"unknown attention method {section.get('method')!r} in the manifest: upgrade sparsify")
-    channels = {}
+    config = DoubleSparsityConfig.from_json(section["config"])
+    channels, ranges = {}, {} if config.needs_ranges else None
     for i in range(section["blocks"]):
-        name = TENSOR.format(i)
-        if name not in tensors:
-            raise UserError(f"the artifact lacks {name}: it is incomplete; re-run 'sparsify prune'")
-        channels[i] = tensors.pop(name).long()
-    return channels
+        for name, store, cast in ((TENSOR, channels, torch.Tensor.long), (RANGE, ranges, torch.Tensor.float)):
+            if store is None:
+                continue
+            if name.format(i) not in tensors:
+                raise UserError(f"the artifact lacks {name.format(i)}: it is incomplete; re-run 'sparsify prune'")
+            store[i] = cast(tensors.pop(name.format(i)))
+    return channels, ranges
 
 
-def install_from_manifest(model, manifest: dict, channels: dict[int, torch.Tensor]) -> None:
-    """Install Double Sparsity attention as the manifest describes it."""
-    ds_runtime.install(model, channels, DoubleSparsityConfig.from_json(manifest["attention"]["config"]))
+def install_from_manifest(model, manifest: dict, calibration: tuple[dict, dict | None]) -> None:
+    """Install Double Sparsity attention as the manifest describes it (``calibration`` from `take_calibration`)."""
+    channels, ranges = calibration
+    ds_runtime.install(model, channels, DoubleSparsityConfig.from_json(manifest["attention"]["config"]), ranges)

@@ -29,8 +29,10 @@ from sparsify.errors import UserError
 STATISTICS = ("auto", "qk", "q", "k", "random")
 CANDIDATES = ("qk", "q", "k")  # what ``auto`` chooses from (random is the control, never chosen)
 LABEL_BITS = (4, 8, 16)
-SELECT = ("union", "sum", "head")  # how the query heads of a kv head share a selection (ds_runtime.select_tokens)
+SELECT = ("union", "max", "sum", "head")  # how the query heads of a kv head share a selection (ds_runtime.select_tokens)
+LABEL_SCALES = ("channel", "token")  # the label codes' quantization grid (ds_runtime.quantize_labels)
 TENSOR = "ds.layers.{}.channels"  # int16 (kv_heads, head_dim): channel indices, most important first
+RANGE = "ds.layers.{}.label_range"  # float32 (2, kv_heads, head_dim): calibrated [min; max] of every key channel
 
 
 def parse_amount(text, flag: str, *, allow_count: bool) -> float | int:
@@ -57,14 +59,20 @@ class DoubleSparsityConfig:
     channels: label channels r per kv head, a fraction of head_dim (1/4) or a count (16).
     tokens: tokens k each query attends to, sink and recent ones included: a count (128) or a
         fraction of that query's causal context (1/16).
-    label_bits: 16 (labels kept in fp16), 8 or 4 (per-token round-to-nearest codes, as the runtime
-        would store them); the approximate scores use the rounded labels.
+    label_bits: 16 (labels kept in fp16), 8 or 4 (round-to-nearest codes, as the runtime would store
+        them); the approximate scores use the rounded labels.
+    label_scale: the grid of 8 / 4-bit codes. "channel" (default): one scale and zero point per key
+        channel, from the range the calibration saw (values beyond it clip), so the cache holds codes
+        only; keys have outlier channels (KIVI quantizes keys per channel for that reason) and the
+        label channels are those outliers. "token": a scale and zero point per cached token (no
+        calibration; 2 x 2 bytes per token and kv head beside 8 bytes of 4-bit codes at r = 16).
     sink / recent: the first ``sink`` and the last ``recent`` tokens of the context (the query's own
         included) are always kept; the top-k by approximate score fills the rest of the k.
-    select: "union" (default) shares one selection of k tokens among the query heads of a kv head,
-        filled round-robin from each head's own ranking; "sum" ranks by the heads' summed scores
-        (both read k tokens per kv head); "head" lets every query head select its own k tokens
-        (reads g times more under grouped-query attention).
+    select: "max" (default) shares one selection of k tokens among the query heads of a kv head: the
+        tokens with the highest estimated attention probability under any of its heads; "union" fills
+        it round-robin from each head's own ranking; "sum" ranks by the heads' summed scores (all three
+        read k tokens per kv head); "head" lets every query head select its own k tokens (reads g
+        times more under grouped-query attention).
     dense_layers: the first blocks keep dense attention (the paper: 2).
     holdout: held-out calibration windows that score the candidates of ``statistic auto``.
     """
@@ -75,7 +83,8 @@ class DoubleSparsityConfig:
     statistic: str = "auto"
     sink: int = 4
     recent: int = 32
-    select: str = "union"
+    select: str = "max"
+    label_scale: str = "channel"
     dense_layers: int = 2
     holdout: int = 4
     seed: int = 0
@@ -95,6 +104,8 @@ class DoubleSparsityConfig:
             raise UserError(f"--ds-statistic {self.statistic!r}: use one of {', '.join(STATISTICS)}")
         if self.select not in SELECT:
             raise UserError(f"--ds-select {self.select!r}: use one of {', '.join(SELECT)}")
+        if self.label_scale not in LABEL_SCALES:
+            raise UserError(f"--ds-label-scale {self.label_scale!r}: use one of {', '.join(LABEL_SCALES)}")
         if min(self.sink, self.recent, self.dense_layers) < 0 or self.holdout < 1:
             raise UserError("--ds-sink, --ds-recent and the dense layers must be >= 0, the held-out windows >= 1")
         if isinstance(self.tokens, int) and self.sink + self.recent >= self.tokens:
@@ -119,9 +130,15 @@ class DoubleSparsityConfig:
     def to_json(self) -> dict:
         return asdict(self)
 
+    @property
+    def needs_ranges(self) -> bool:
+        """Whether the runtime needs the calibrated channel ranges (`label_ranges`)."""
+        return self.label_bits < 16 and self.label_scale == "channel"
+
     @classmethod
     def from_json(cls, data: dict) -> DoubleSparsityConfig:
         known = set(cls.__dataclass_fields__)
+        data = {"label_scale": "token", **data}  # artifacts written before label_scale existed quantized per token
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
@@ -187,6 +204,11 @@ def rank_channels(stats, statistic: str, *, layer: int = 0, seed: int = 0) -> to
 def rankings(stats: dict[int, object], statistic: str, seed: int = 0) -> dict[int, torch.Tensor]:
     """{block index: (kv_heads, head_dim) ranking} for every calibrated block."""
     return {i: rank_channels(s, statistic, layer=i, seed=seed) for i, s in sorted(stats.items())}
+
+
+def label_ranges(stats: dict[int, object]) -> dict[int, torch.Tensor]:
+    """{block index: (2, kv_heads, head_dim) fp32 [min; max]} of every key channel the calibration saw."""
+    return {i: torch.stack([s.kmin, s.kmax]).float() for i, s in sorted(stats.items())}
 
 
 def collect_stats(model, batches: list[dict], device: str = "cpu") -> dict[int, object]:

@@ -10,7 +10,8 @@ For every query position (a whole sequence: the decode simulation, where positio
 own top-k among tokens <= i; or a `generate()` step over the cache) the sparse path
 
 1. reads the labels, K restricted to the layer's r calibrated channels per kv head, rounded as the
-   runtime would store them (fp16, or per-token 8 / 4-bit codes: `quantize_labels`);
+   runtime would store them (fp16, or 8 / 4-bit codes on a per-channel calibrated or per-token grid:
+   `quantize_labels`);
 2. scores every allowed token approximately, q_r . K_r / sqrt(r), per query head;
 3. keeps the first ``sink`` and last ``recent`` allowed tokens and fills the budget k with the best
    approximate scores (`select_tokens`): by default one selection per kv head, filled round-robin
@@ -46,22 +47,22 @@ class LayerState:
     channels: torch.Tensor | None  # (kv_heads, r) int64 channel indices, or None for a dense layer
     config: DoubleSparsityConfig
     original: str
+    label_range: torch.Tensor | None = None  # (2, kv_heads, r) calibrated [min; max] of those channels
 
 
-def quantize_labels(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """Labels (..., r) as the label cache would hold them, back in fp32.
+def quantize_labels(x: torch.Tensor, bits: int, label_range: torch.Tensor | None = None) -> torch.Tensor:
+    """Labels (B, KV, T, r) as the label cache would hold them, back in fp32.
 
-    16 bits: fp16. 8 / 4 bits: per token round-to-nearest over [min(x, 0), max(x, 0)] with an
-    integer zero point (the layout of `kernels.reference.ds_quantize_labels_ref`).
+    16 bits: fp16. 8 / 4 bits: round-to-nearest with an integer zero point over each token's
+    [min(x, 0), max(x, 0)], or with ``label_range`` (2, KV, r) over each channel's calibrated range
+    (values beyond it clip): `kernels.reference.ds_label_grid`, the layout the kernels read.
     """
-    x = x.float()
     if bits >= 16:
-        return x.to(torch.float16).float()
-    qmax = 2 ** bits - 1
-    lo, hi = x.amin(-1, keepdim=True).clamp(max=0), x.amax(-1, keepdim=True).clamp(min=0)  # (..., 1)
-    scale = torch.where(hi > lo, (hi - lo) / qmax, torch.ones_like(hi))
-    zero = torch.round(-lo / scale).clamp(0, qmax)
-    codes = (torch.round(x / scale) + zero).clamp(0, qmax)  # (..., r)
+        return x.float().to(torch.float16).float()
+    from sparsify.kernels.reference import ds_label_grid
+
+    bounds = (None, None) if label_range is None else (label_range[0][None, :, None], label_range[1][None, :, None])
+    codes, scale, zero = ds_label_grid(x, bits, *bounds)  # (B, KV, T, r), scale / zero broadcastable
     return (codes - zero) * scale
 
 
@@ -98,11 +99,42 @@ def _budget(allowed: torch.Tensor, config: DoubleSparsityConfig):
     return fixed, allowed & ~fixed, heavy
 
 
-def select_tokens(approx: torch.Tensor, allowed: torch.Tensor, config: DoubleSparsityConfig) -> torch.Tensor:
+def max_probability(approx: torch.Tensor, allowed: torch.Tensor, logit_scale: float) -> torch.Tensor:
+    """(B, KV, g, Tq, Tk) approximate scores -> (B, KV, 1, Tq, Tk): per token, the largest log attention
+    probability any query head of the group would give it, softmax over the allowed (B, 1, 1, Tq, Tk) keys
+    of ``approx * logit_scale`` (the estimated logits)."""
+    logits = (approx * logit_scale).masked_fill(~allowed, float("-inf"))  # (B, KV, g, Tq, Tk)
+    log_p = logits - logits.logsumexp(-1, keepdim=True)
+    return log_p.amax(2, keepdim=True).nan_to_num(float("-inf"))  # a query with no key: all -inf
+
+
+def _guarded_max_probability(approx, allowed, candidates, heavy, logit_scale) -> torch.Tensor:
+    """``max``'s ranking, (B, KV, 1, Tq, Tk): `max_probability`, with +inf on every head's own best
+    heavy // (2 g) candidates (B, 1, 1, Tq, Tk), so that they are taken first."""
+    g = approx.shape[2]
+    ranking = max_probability(approx, allowed, logit_scale)  # (B, KV, 1, Tq, Tk)
+    own = heavy // (2 * g)  # (B, 1, 1, Tq, 1) tokens each head keeps of its own
+    m = min(int(own.max()) if own.numel() else 0, approx.shape[-1])
+    if m == 0 or g == 1:
+        return ranking
+    top = approx.masked_fill(~candidates, float("-inf")).topk(m, dim=-1).indices  # (B, KV, g, Tq, m)
+    first = (torch.arange(m, device=approx.device) < own).int().expand(top.shape)  # (B, KV, g, Tq, m)
+    votes = torch.zeros_like(ranking[:, :, 0], dtype=torch.int32)  # (B, KV, Tq, Tk)
+    votes.scatter_add_(-1, top.transpose(2, 3).flatten(3), first.transpose(2, 3).flatten(3))
+    return ranking.masked_fill((votes > 0)[:, :, None] & candidates, float("inf"))
+
+
+def select_tokens(approx: torch.Tensor, allowed: torch.Tensor, config: DoubleSparsityConfig,
+                  logit_scale: float = 1.0) -> torch.Tensor:
     """Approximate scores (B, KV, G, Tq, Tk) -> the tokens each query attends to, (B, KV, 1 or g, Tq, Tk) bool.
 
     Sink (first ``sink`` allowed) and recent (last ``recent`` allowed) tokens always; then, among the
     other allowed tokens, until k = ``config.token_budget(context)``:
+      ``max``   (G = g): shared by the group; each query head first keeps its own best k' // (2 g)
+                tokens (k' the budget left after sink and recent), then the rest goes to the tokens
+                with the highest attention probability under any of the heads (`max_probability`;
+                ``logit_scale`` turns ``approx`` into the estimated logits): a head whose attention is
+                diffuse claims few tokens beyond its own, a head with a sharp peak keeps it;
       ``sum``   (G = 1, the group's scores summed): the top scores, shared by the group;
       ``head``  (G = g): each query head its own top scores;
       ``union`` (G = g): shared by the group, filled round-robin from each head's own ranking (head 0's
@@ -111,6 +143,8 @@ def select_tokens(approx: torch.Tensor, allowed: torch.Tensor, config: DoubleSpa
     ``allowed`` is (B, 1, Tq, Tk).
     """
     fixed, candidates, heavy = _budget(allowed[:, None], config)  # (B, 1, 1, Tq, Tk|1)
+    if config.select == "max":
+        approx = _guarded_max_probability(approx, allowed[:, None], candidates, heavy, logit_scale)
     shared = config.select != "head"
     b, kv, g, tq, tk = approx.shape
     chosen = fixed.expand(b, kv, 1 if shared else g, tq, tk).clone()  # (B, KV, 1|g, Tq, Tk)
@@ -134,12 +168,12 @@ def select_tokens(approx: torch.Tensor, allowed: torch.Tensor, config: DoubleSpa
     return chosen | (picked & candidates)
 
 
-def key_labels(key: torch.Tensor, channels: torch.Tensor, bits: int) -> torch.Tensor:
+def key_labels(key: torch.Tensor, channels: torch.Tensor, bits: int, label_range=None) -> torch.Tensor:
     """The label cache: (B, KV, Tk, D) keys -> (B, KV, r, Tk) fp32, the r channels rounded as stored."""
     b, kv, tk, _ = key.shape
     r = channels.shape[1]
     labels = torch.gather(key.float(), 3, channels[None, :, None, :].expand(b, kv, tk, r))  # (B, KV, Tk, r)
-    return quantize_labels(labels, bits).transpose(-1, -2)  # (B, KV, r, Tk)
+    return quantize_labels(labels, bits, label_range).transpose(-1, -2)  # (B, KV, r, Tk)
 
 
 def query_labels(query: torch.Tensor, channels: torch.Tensor, select: str) -> torch.Tensor:
@@ -153,25 +187,20 @@ def query_labels(query: torch.Tensor, channels: torch.Tensor, select: str) -> to
     return q_lab.sum(2, keepdim=True) if select == "sum" else q_lab
 
 
-def label_scores(query: torch.Tensor, key: torch.Tensor, channels: torch.Tensor, config: DoubleSparsityConfig
-                 ) -> torch.Tensor:
-    """Approximate scores q_r . K_r / sqrt(r) from the (rounded) labels -> (B, KV, 1 or g, Tq, Tk) fp32."""
-    k_lab = key_labels(key, channels, config.label_bits)  # (B, KV, r, Tk)
-    return query_labels(query, channels, config.select) @ k_lab[:, :, None]  # (B, KV, G, Tq, Tk)
-
-
 def sparse_attention(query, key, value, allowed, channels, config: DoubleSparsityConfig, scaling: float,
-                     softcap: float | None = None, chunk: int = CHUNK) -> torch.Tensor:
+                     softcap: float | None = None, chunk: int = CHUNK, label_range=None) -> torch.Tensor:
     """Double Sparsity attention of (B, H, Tq, D) queries over (B, KV, Tk, D) keys / values.
 
     ``allowed`` (B, 1, Tq, Tk) bool: each query's context. Returns (B, Tq, H, D) in the query's dtype
     (the layout transformers' attention functions return). Queries run ``chunk`` at a time, each
     chunk over the keys up to its last allowed one only (a causal chunk needs no later key).
+    ``label_range`` (2, KV, r): the calibrated per-channel grid when ``config.needs_ranges``.
     """
     b, heads, tq, d = query.shape
     kv = key.shape[1]
     g = heads // kv
-    k_lab = key_labels(key, channels, config.label_bits)[:, :, None]  # (B, KV, 1, r, Tk)
+    k_lab = key_labels(key, channels, config.label_bits, label_range)[:, :, None]  # (B, KV, 1, r, Tk)
+    logit_scale = math.sqrt(channels.shape[1]) * scaling  # approx = q_r . K_r / sqrt(r) -> estimated logits
     q_lab = query_labels(query, channels, config.select)  # (B, KV, G, Tq, r)
     q = (query.float() * scaling).reshape(b, kv, g, tq, d)  # (B, KV, g, Tq, D)
     keys, values = key.float()[:, :, None], value.float()[:, :, None]  # (B, KV, 1, Tk, D)
@@ -183,7 +212,7 @@ def sparse_attention(query, key, value, allowed, channels, config: DoubleSparsit
         seen = rows.any(-2).flatten(0, -2).any(0).nonzero()  # keys any query of the chunk may see
         n = int(seen.max()) + 1 if seen.numel() else 1
         approx = q_lab[:, :, :, start:stop] @ k_lab[..., :n]  # (B, KV, G, C, n)
-        chosen = select_tokens(approx, rows[..., :n], config)  # (B, KV, 1|g, C, n)
+        chosen = select_tokens(approx, rows[..., :n], config, logit_scale)  # (B, KV, 1|g, C, n)
         del approx
         scores = q[:, :, :, start:stop] @ keys[:, :, :, :n].transpose(-1, -2)  # (B, KV, g, C, n)
         if softcap:
@@ -232,18 +261,18 @@ def _cuda_decode_step(query, key, value, allowed, state: LayerState, scaling: fl
     labels = torch.gather(key, 3, channels[None, :, None, :].expand(b, kv, tk, r))  # (B, KV, Tk, r)
     q_lab = torch.gather(query[:, :, 0], 2, channels.repeat_interleave(g, 0)[None].expand(b, heads, r))  # (B, H, r)
     if cfg.label_bits < 16:
-        codes, scale, zero = quantize(labels, cfg.label_bits)
+        codes, scale, zero = quantize(labels, cfg.label_bits, state.label_range)  # scale / zero per channel or token
         approx = kernel_scores(q_lab, codes, label_scale=scale, label_zero=zero, bits=cfg.label_bits)  # (B, H, Tk)
     else:
         approx = kernel_scores(q_lab, labels.to(torch.float16).to(query.dtype))  # (B, H, Tk)
     approx = approx.view(b, kv, g, 1, tk)  # (B, KV, g, 1, Tk)
     if cfg.select == "sum":
         approx = approx.sum(2, keepdim=True)  # (B, KV, 1, 1, Tk)
-    chosen = select_tokens(approx, allowed[:, :1], cfg)  # (B, KV, 1|g, 1, Tk)
-    chosen = chosen.expand(b, kv, g, 1, tk).reshape(b, heads, tk)  # (B, H, Tk)
-    valid = chosen.sum(-1)  # (B, H)
+    chosen = select_tokens(approx, allowed[:, :1], cfg, math.sqrt(r) * scaling)  # (B, KV, 1|g, 1, Tk)
+    chosen = chosen.reshape(b, -1, tk)  # (B, KV, Tk) one selection per kv head, or (B, H, Tk) per query head
+    valid = chosen.sum(-1)  # (B, KV | H)
     idx = torch.sort(chosen.to(torch.int8), dim=-1, descending=True, stable=True).indices[..., :int(valid.max())]
-    out = gather_attention(query[:, :, 0], key, value, idx, valid, scale=scaling)  # (B, H, D)
+    out = gather_attention(query[:, :, 0], key, value, idx, valid, scale=scaling)  # (B, H, D): shared rows read once
     return out[:, None]  # (B, 1, H, D)
 
 
@@ -258,11 +287,13 @@ def attention(module, query, key, value, attention_mask, *, original: str, **kwa
     scaling = kwargs.get("scaling") or getattr(module, "scaling", None) or d ** -0.5
     softcap = kwargs.get("softcap")
     channels = state.channels.to(query.device)
+    label_range = None if state.label_range is None else state.label_range.to(query.device)
     allowed = allowed_keys(attention_mask, b, tq, key.shape[2], query.device)  # (B, 1|H, Tq, Tk)
     if tq == 1 and query.is_cuda and not softcap and (kernels := _kernels()) is not None:
-        return _cuda_decode_step(query, key, value, allowed, LayerState(channels, state.config, original),
+        return _cuda_decode_step(query, key, value, allowed, LayerState(channels, state.config, original, label_range),
                                  scaling, kernels), None
-    return sparse_attention(query, key, value, allowed, channels, state.config, scaling, softcap), None
+    return sparse_attention(query, key, value, allowed, channels, state.config, scaling, softcap,
+                            label_range=label_range), None
 
 
 def _register(original: str) -> str:
@@ -287,9 +318,15 @@ def attention_layers(model) -> list:
     return [module for _, module in attention_modules(model)]
 
 
-def install(model, channels: dict[int, torch.Tensor], config: DoubleSparsityConfig) -> None:
+def install(model, channels: dict[int, torch.Tensor], config: DoubleSparsityConfig,
+            ranges: dict[int, torch.Tensor] | None = None) -> None:
     """Make ``model`` run Double Sparsity attention: block i >= ``dense_layers`` uses the first r of
-    ``channels[i]`` ((kv_heads, head_dim) rankings); earlier blocks stay dense. Idempotent; `uninstall` undoes it."""
+    ``channels[i]`` ((kv_heads, head_dim) rankings) and, for a per-channel label grid, ``ranges[i]``
+    ((2, kv_heads, head_dim) calibrated [min; max], `double_sparsity.label_ranges`); earlier blocks
+    stay dense. Idempotent; `uninstall` undoes it."""
+    if config.needs_ranges and ranges is None:
+        raise UserError("double sparsity: per-channel label quantization needs the calibrated channel ranges; "
+                        "re-run 'sparsify prune --attention double-sparsity' or pass --ds-label-scale token")
     uninstall(model)
     layers = attention_layers(model)
     if not layers:
@@ -305,7 +342,10 @@ def install(model, channels: dict[int, torch.Tensor], config: DoubleSparsityConf
         sparse = i >= config.dense_layers
         r = config.channel_count(module.head_dim)
         ranking = channels[i][:, :r].long().contiguous() if sparse else None
-        module._sparsify_ds = LayerState(ranking, config, configs[id(cfg)][1])
+        grid = None
+        if sparse and config.needs_ranges:  # (2, kv, r): the range of each chosen channel
+            grid = torch.gather(ranges[i].float(), 2, ranking[None].expand(2, *ranking.shape)).contiguous()
+        module._sparsify_ds = LayerState(ranking, config, configs[id(cfg)][1], grid)
     for cfg, original in configs.values():
         cfg._attn_implementation = _register(original)
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsify.attention import ds_runtime
-from sparsify.attention.double_sparsity import CANDIDATES, DoubleSparsityConfig, rankings
+from sparsify.attention.double_sparsity import CANDIDATES, DoubleSparsityConfig, label_ranges, rankings
 from sparsify.errors import UserError
 
 
@@ -42,6 +42,7 @@ def candidate_losses(model, windows: torch.Tensor, stats: dict, config: DoubleSp
     """{statistic: mean KL(dense || double sparsity) per predicted token} over ``windows`` (n, T)."""
     device = next(model.parameters()).device
     ranked = {c: rankings(stats, c, config.seed) for c in candidates}
+    ranges = label_ranges(stats)
     total = {c: 0.0 for c in candidates}
     count = 0
     ds_runtime.uninstall(model)
@@ -50,7 +51,7 @@ def candidate_losses(model, windows: torch.Tensor, stats: dict, config: DoubleSp
             ids = window[None].to(device)  # (1, T)
             dense = F.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)  # (T-1, vocab)
             for c in candidates:
-                ds_runtime.install(model, ranked[c], config)
+                ds_runtime.install(model, ranked[c], config, ranges)
                 sparse = F.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)  # (T-1, vocab)
                 ds_runtime.uninstall(model)
                 total[c] += float((dense.exp() * (dense - sparse)).sum())

@@ -24,7 +24,8 @@ _ACTIVE: dict[int, tuple[QKStats, str | None]] = {}  # id(attention module) -> (
 
 
 class QKStats:
-    """Sums over calibration tokens, per key-value head and channel, of |q_c k_c|, |q_c| and |k_c|.
+    """Sums over calibration tokens, per key-value head and channel, of |q_c k_c|, |q_c| and |k_c|,
+    and the range [kmin, kmax] of every key channel (the label cache's calibrated quantization grid).
 
     Grouped-query attention pools the query heads that share a key-value head (query head h reads
     key-value head h // (heads / kv_heads)). Means are the sums divided by ``tokens`` x group size.
@@ -32,6 +33,7 @@ class QKStats:
 
     def __init__(self):
         self.qk = self.q = self.k = None
+        self.kmin = self.kmax = None  # (kv, d) smallest / largest key value per channel
         self.tokens = 0
         self.group = 1  # query heads per key-value head
 
@@ -48,8 +50,19 @@ class QKStats:
         for key, value in sums.items():
             prev = getattr(self, key)
             setattr(self, key, value if prev is None else prev + value)
+        lo, hi = kf.amin((0, 2)), kf.amax((0, 2))  # (kv, d)
+        self.kmin = lo if self.kmin is None else torch.minimum(self.kmin, lo)
+        self.kmax = hi if self.kmax is None else torch.maximum(self.kmax, hi)
         self.tokens += b * t
         self.group = heads // kv
+
+    def reduce(self, all_reduce) -> None:
+        """Data parallel: sum the sums and token counts of every process, min / max the key ranges
+        (``all_reduce(tensor, op)`` in place; tensors not allocated, when nothing was seen, stay None)."""
+        for key, op in (("qk", "sum"), ("q", "sum"), ("k", "sum"), ("kmin", "min"), ("kmax", "max")):
+            if getattr(self, key) is not None:
+                all_reduce(getattr(self, key), op)  # (kv, d)
+        self.tokens = int(all_reduce(torch.tensor(self.tokens, dtype=torch.int64), "sum"))
 
     def means(self) -> dict[str, torch.Tensor]:
         """{"qk", "q", "k"}: (kv_heads, d) means per token (and per pooled query head where q enters)."""

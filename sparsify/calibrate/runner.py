@@ -8,6 +8,11 @@ statistics accumulators (and with any observers attached, e.g. queries and keys 
 (3) forward again to produce the next block's inputs from the block as ``on_block`` left it. Only
 one block's statistics exist at a time; captured activations live on CPU (``offload=True``) or on
 the compute device. Activations that turn NaN / inf stop the run with the block's name.
+
+Data parallel (`sparsify.calibrate.distributed`, under torchrun): each process runs its share of the
+batches; between (1) and (2) the block's accumulators and observations are all-reduced, so that
+``on_block`` sees the statistics of every window on every process. The steps around that collective
+run inside ``agreed()``, so that an error on one process stops all of them there.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import torch
 from torch import nn
 
 from sparsify import progress
+from sparsify.calibrate import distributed
 from sparsify.calibrate.capture import capture, hidden_of
 from sparsify.errors import UserError
 
@@ -73,6 +79,22 @@ def attach_stats(block_targets: dict[str, nn.Module], kinds: dict[str, str | Non
     return owner, handles, seen
 
 
+def statistics(block: nn.Module, name: str, block_targets: dict[str, nn.Module], kinds: dict[str, str | None],
+               make_acc, observers: dict[str, Callable], hidden: list[torch.Tensor], calls: list, device,
+               store) -> tuple[dict[str, object], dict[str, object]]:
+    """One block's statistics pass: ({target: its accumulator or None}, {observer name: what it saw})."""
+    owner, handles, seen = attach_stats(block_targets, kinds, make_acc)
+    try:
+        with ExitStack() as stack:
+            observed = {k: stack.enter_context(f(block)) for k, f in observers.items()}
+            forward_block(block, name, hidden, calls, device, store, keep=False)
+    finally:
+        for h in handles:
+            h.remove()
+        seen.clear()
+    return {n: owner.get(n) for n in block_targets}, observed
+
+
 def run(model: nn.Module, blocks: list[tuple[str, nn.ModuleList]], targets: dict[str, dict[str, nn.Module]],
         batches: list[dict], kinds: dict[str, str | None], make_acc: Callable[[str, int], object] | None,
         on_block: Callable[[dict[str, nn.Module], dict[str, object], dict[str, object]], None],
@@ -93,6 +115,7 @@ def run(model: nn.Module, blocks: list[tuple[str, nn.ModuleList]], targets: dict
     """
     observers = observers or {}
     needs_data = bool(batches) and (observers or any(k is not None for k in kinds.values()))
+    batches = distributed.shard(batches) if needs_data else batches
     store = "cpu" if offload else device
     use_cache = getattr(model.config, "use_cache", None)
     if use_cache is not None:
@@ -100,29 +123,27 @@ def run(model: nn.Module, blocks: list[tuple[str, nn.ModuleList]], targets: dict
     try:
         for prefix, layers in blocks:
             names = [f"{prefix}.{i}" for i in range(len(layers))]
-            hidden, calls = capture(model, layers, batches, device, store) if needs_data else (None, None)
-            if hidden is not None:
-                for x in hidden:
-                    check_finite(x, f"at the input of {names[0]}")
+            hidden, calls = None, None
+            with distributed.agreed():
+                if needs_data:
+                    hidden, calls = capture(model, layers, batches, device, store)
+                    for x in hidden:
+                        check_finite(x, f"at the input of {names[0]}")
             with progress.bar(f"{label} {prefix}", total=len(layers)) as advance:
                 for i, (name, block) in enumerate(zip(names, layers)):
                     block_targets = targets.get(name, {})
                     stats_needed = hidden is not None and (observers or any(kinds.get(n) for n in block_targets))
-                    owner, observed = {}, {}
+                    stats, observed = dict.fromkeys(block_targets), {}
                     if stats_needed:
-                        owner, handles, seen = attach_stats(block_targets, kinds, make_acc)
-                        try:
-                            with ExitStack() as stack:
-                                observed = {k: stack.enter_context(f(block)) for k, f in observers.items()}
-                                forward_block(block, name, hidden, calls[i], device, store, keep=False)
-                        finally:
-                            for h in handles:
-                                h.remove()
-                            seen.clear()
-                    on_block(block_targets, {n: owner.get(n) for n in block_targets}, observed)
-                    del owner
-                    if hidden is not None and name != names[-1]:
-                        hidden = forward_block(block, name, hidden, calls[i], device, store, keep=True)
+                        with distributed.agreed():
+                            stats, observed = statistics(block, name, block_targets, kinds, make_acc, observers,
+                                                         hidden, calls[i], device, store)
+                        distributed.reduce_stats({"targets": stats, "observed": observed})
+                    with distributed.agreed():
+                        on_block(block_targets, stats, observed)
+                        del stats
+                        if hidden is not None and name != names[-1]:
+                            hidden = forward_block(block, name, hidden, calls[i], device, store, keep=True)
                     advance()
     finally:
         if use_cache is not None:

@@ -1,7 +1,8 @@
 """Per-layer statistics accumulators: ``add_batch(x)`` with x (..., in), then read the result.
 
 Registered in `sparsify.tables.ACCUMULATORS`. Everything accumulates in float32; ``merge`` sums
-two accumulators (for a data-parallel all-reduce).
+two accumulators in one process, ``reduce(all_reduce)`` combines the accumulators of every process
+of a data-parallel run (`sparsify.calibrate.distributed`).
 """
 from __future__ import annotations
 
@@ -33,6 +34,11 @@ class ColumnNorm:
     def merge(self, other: ColumnNorm) -> None:
         self.sumsq += other.sumsq.to(self.sumsq.device)
         self.tokens += other.tokens
+
+    def reduce(self, all_reduce) -> None:
+        """Sum the squares and token counts of every process (``all_reduce(tensor, op)`` in place)."""
+        all_reduce(self.sumsq, "sum")  # (in,)
+        self.tokens = int(all_reduce(torch.tensor(self.tokens, dtype=torch.int64), "sum"))
 
     def norms(self) -> torch.Tensor:
         return (self.sumsq / max(1, self.tokens)).sqrt()  # (in,)
@@ -66,6 +72,15 @@ class Hessian:
     def merge(self, other: Hessian) -> None:
         total = self.tokens + other.tokens
         self.H = (self.H * self.tokens + other.H.to(self.H.device) * other.tokens) / max(1, total)
+        self.tokens = total
+        self._factors.clear()
+
+    def reduce(self, all_reduce) -> None:
+        """Every process's running average, weighted by its tokens, into the average over all tokens."""
+        total = int(all_reduce(torch.tensor(self.tokens, dtype=torch.int64), "sum"))
+        self.H *= self.tokens  # (in, in) = 2 sum_t x_t x_t^T of this process's tokens
+        all_reduce(self.H, "sum")
+        self.H /= max(1, total)
         self.tokens = total
         self._factors.clear()
 

@@ -1,13 +1,14 @@
 """`sparsify bench`: time the packed artifact against its own dense twin, layer shape by layer shape
-and for whole forwards (prefill and single-token decode), side by side in one process.
+and for whole forwards (prefill and single-token decode), side by side in one process; then
+end-to-end generation against the dense source model (`sparsify.eval.generation`).
 
 The dense twin is the same model with every `SparseLinear` unpacked into a plain Linear, so the
 ratio isolates what the packed weights and their kernels gain or lose. The bytes limit is
 dense weight bytes / packed weight bytes: a memory-bound kernel cannot beat it.
 
-On CPU the packed layers run the torch reference path (unpack, then matmul), which is slower than
-the dense twin today; `cpu_note` says so in one line, for `bench` and `eval` alike, and names the
-fast CPU paths (an hf-dense or ONNX export).
+On CPU, weights without a fast CPU path at decode (`sparsify.kernels.cpu.paths`: e.g. fp8, 4:8, or
+unstructured weights too dense for CSR) rebuild their dense weight on every call unless
+SPARSIFY_CPU_CACHE=1; `cpu_note` says how many, in one line, for `bench` and `eval` alike.
 """
 from __future__ import annotations
 
@@ -19,15 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsify import kernels
-
-CPU_NOTE = ("the packed runtime is slower than dense on CPU for now: for speed, run an export "
-            "('sparsify export ARTIFACT --format hf-dense -o DIR' or '--onnx')")
-
-
-def cpu_note(device: str, artifact: bool) -> str | None:
-    """The one-line note for a packed artifact run on the CPU (None elsewhere)."""
-    return CPU_NOTE if artifact and not str(device).startswith("cuda") else None
-
+from sparsify.kernels.cpu.note import cpu_note  # noqa: F401  (eval and bench alike)
 
 def timeit(fn, device: str, warmup: int = 2, reps: int = 7) -> float:
     """Median wall time of ``fn()`` in seconds (synchronising CUDA around each call)."""
@@ -62,7 +55,7 @@ def _layer_rows(model, token_counts, device, reps) -> list[dict]:
             t_dense = timeit(lambda: F.linear(x, dense), device, reps=reps)
             rows.append({"layer": name, "format": mod.fmt, "quant": mod.attrs.get("quant"),
                          "shape": list(mod.attrs["shape"]), "tokens": tokens,
-                         "kernel": kernels.kernel_name(x, mod.fmt, mod.attrs),
+                         "kernel": kernels.kernel_name(x, mod.fmt, mod.attrs, packed),
                          "sparse_ms": t_sparse * 1e3, "dense_ms": t_dense * 1e3, "speedup": t_dense / t_sparse,
                          "bytes_limit": dense_bytes / packed_bytes})
     return rows
@@ -98,14 +91,27 @@ def _forward_rows(loaded, dense_model, prompt_len, device, reps) -> list[dict]:
     return rows
 
 
+def _dense_source(manifest: dict, device: str, twin):
+    """The dense model the artifact was pruned from (its manifest's source), else its dense twin."""
+    from sparsify.eval.run import default_baseline
+    from sparsify.runtime.load import open_model
+
+    source = default_baseline(manifest)
+    if source is None:
+        return twin, "dense twin (the artifact's source is gone: its weights unpacked, zeros kept)"
+    return open_model(source, device=device)[0].model.eval(), source
+
+
 def bench(artifact: str, *, token_counts=(1, 16, 128), prompt_len: int = 128, device: str = "cpu",
-          reps: int = 7) -> dict:
-    """Time an artifact against its dense twin. Returns {"layers": [...], "forward": [...], ...}."""
+          reps: int = 7, decode_tokens: int = 32, generate: bool = True) -> dict:
+    """Time an artifact against its dense twin and its dense source.
+    Returns {"layers": [...], "forward": [...], "generation": {...}, ...}."""
     from sparsify import progress
+    from sparsify.eval.generation import generation
     from sparsify.runtime.densify import densify
     from sparsify.runtime.load import load_artifact
 
-    with progress.bar("bench", total=3) as step, progress.quiet():
+    with progress.bar("bench", total=4) as step, progress.quiet():
         step(0, "loading the artifact and its dense twin")
         loaded, manifest = load_artifact(artifact, device=device)
         dense_model = densify(copy.deepcopy(loaded.model))
@@ -113,14 +119,29 @@ def bench(artifact: str, *, token_counts=(1, 16, 128), prompt_len: int = 128, de
         layers = _layer_rows(loaded.model, token_counts, device, reps)
         step(1, "timing whole-model prefill" + (" and decode" if loaded.family.name == "causal-lm" else ""))
         forward = _forward_rows(loaded, dense_model, prompt_len, device, reps)
+        gen = None
+        if generate:
+            step(1, "end-to-end generation against the dense source model")
+            source, source_name = _dense_source(manifest, device, dense_model)
+            del dense_model  # the twin is not timed again
+            gen = generation(loaded, {"sparse": loaded.model, "dense": source}, prompt_len=prompt_len,
+                             decode_tokens=decode_tokens, device=device, reps=reps)
+            gen["dense_model"] = str(source_name)
         step(1, "done")
     by = {(r["phase"], r["model"]): r["ms"] for r in forward}
     ratios = {phase: by[(phase, "dense")] / by[(phase, "sparse")] for phase in ("prefill", "decode")
               if (phase, "sparse") in by}
     t = manifest["totals"]
     return {"artifact": str(artifact), "device": device, "torch_threads": torch.get_num_threads(),
-            "layers": layers, "forward": forward, "forward_speedup": ratios,
-            "bytes_limit": t["dense_bytes"] / max(1, t["packed_bytes"]), "note": cpu_note(device, True),
-            # memory the dispatch holds beside the packed weights (dense-cached / semi-structured copies),
-            # and whether its GPU token thresholds come from a measurement
-            "dispatch_cache_bytes": kernels.cache_bytes(), "thresholds_measured": kernels.THRESHOLDS_MEASURED}
+            "layers": layers, "forward": forward, "forward_speedup": ratios, "generation": gen,
+            "bytes_limit": t["dense_bytes"] / max(1, t["packed_bytes"]), "note": cpu_note(device, loaded.model),
+            # memory the dispatch holds beside the packed weights (dense-cached / semi-structured / torch's
+            # int8 / int4 / CSR copies), whether the CPU keeps dense copies, whether GPU thresholds are measured
+            "dispatch_cache_bytes": kernels.cache_bytes(), "cpu_cache_dense": _cpu_cache(),
+            "thresholds_measured": kernels.THRESHOLDS_MEASURED}
+
+
+def _cpu_cache() -> bool:
+    from sparsify.kernels.cpu.paths import cache_dense
+
+    return cache_dense()

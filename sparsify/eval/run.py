@@ -214,7 +214,7 @@ def evaluate(arg: str, *, task: str | None = None, data: str | None = None, base
             default: sparsify.progress.bar.
     """
     from sparsify import progress
-    from sparsify.eval.latency import cpu_note
+    from sparsify.kernels.cpu.note import cpu_note
     from sparsify.eval.size import size_summary
     from sparsify.runtime.load import open_model
 
@@ -257,5 +257,5 @@ def evaluate(arg: str, *, task: str | None = None, data: str | None = None, base
         result["bytes"] = size_summary(manifest)
         if (allocation := allocation_summary(manifest)) is not None:
             result["allocation"] = allocation
-        result["note"] = cpu_note(device, True)
+        result["note"] = cpu_note(device, loaded.model)
     return result

@@ -108,8 +108,12 @@ def quant_label(m: dict) -> str:
     return f"{kind} ({', '.join(bits)})"
 
 
-SELECT_WORDS = {"union": "one selection per kv head (its query heads' rankings merged)",
+SELECT_WORDS = {"max": "one selection per kv head (highest attention probability under any of its query heads)",
+                "union": "one selection per kv head (its query heads' rankings merged)",
                 "sum": "one selection per kv head (summed scores)", "head": "one selection per query head"}
+
+
+GRID_WORDS = {"channel": " (a calibrated grid per channel)", "token": " (a grid per token)"}
 
 
 def attention_label(section: dict) -> str:
@@ -122,7 +126,8 @@ def attention_label(section: dict) -> str:
         chosen += " (auto; KL " + ", ".join(f"{k} {v:.3g}" for k, v in sel["losses"].items()) + ")"
     dense = section.get("dense_blocks") or []
     return (f"double sparsity: {chosen} channels, {section['channels']} of {section['head_dim']} per kv head at "
-            f"{c['label_bits']} bits; {tokens} tokens per query ({c['sink']} sink + {c['recent']} recent kept), "
+            f"{c['label_bits']} bits{GRID_WORDS.get(c.get('label_scale', 'token')) if c['label_bits'] < 16 else ''}; "
+            f"{tokens} tokens per query ({c['sink']} sink + {c['recent']} recent kept), "
             f"{SELECT_WORDS.get(c.get('select'), c.get('select'))}; "
             + (f"block{'s' if len(dense) > 1 else ''} {dense[0]}{'' if len(dense) == 1 else f'-{dense[-1]}'} dense"
                if dense else "every block sparse"))

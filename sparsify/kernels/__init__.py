@@ -1,7 +1,9 @@
 """Kernel dispatch: picks the implementation of a packed linear by device, format, quant and token count.
 
 ``SPARSIFY_KERNELS=reference|triton|auto`` (default auto) forces a path; tests use ``triton`` to run
-the Triton kernels on CPU under the interpreter. Under auto, CPU means the reference. On CUDA:
+the Triton kernels on CPU under the interpreter. Under auto, CPU goes to `sparsify.kernels.cpu.paths`
+(our C kernel for 2:4 at decode sizes, torch's int4 / int8 / CSR / BSR kernels where they measured
+faster, else the dense weight: cached with SPARSIFY_CPU_CACHE=1, rebuilt per call otherwise). On CUDA:
 our Triton kernels for N:M weights (and ``bsr`` with 16+ power-of-two tiles) up to a token threshold
 (memory-bound decode), then torch's
 semi-structured sparse matmul (cuSPARSELt / CUTLASS) for 2:4 fp16/bf16, else the dense weight
@@ -10,12 +12,12 @@ unpacked once and cached. Triton paths go through the custom ops of `sparsify.ke
 from __future__ import annotations
 
 import os
-import weakref
 
 import torch
 
 from sparsify.errors import UserError
 from sparsify.kernels import reference
+from sparsify.kernels.cache import _CACHE, cache_bytes, cached  # noqa: F401  (re-exported)
 
 MODES = ("reference", "triton", "auto")
 TRITON_M = (2, 4, 8, 16)  # group sizes the Triton kernels take
@@ -28,7 +30,7 @@ FP8_CAPABILITY = (8, 9)  # Ada / Hopper and newer: the first GPUs with fp8 conve
 TRITON_PATH = {"float": "triton-nm", "int8": "triton-nm-wq", "int4": "triton-nm-wq", "fp8": "triton-nm-wq",
                "w8a8": "triton-w8a8"}
 SEMI_DTYPES = (torch.float16, torch.bfloat16)
-_CACHE: dict[tuple, object] = {}  # (id, version, tag) of a packed tensor -> dense / semi-structured weight
+MEMO_TOKENS = 64  # `SparseLinear` remembers its implementation for calls this small (decode sizes)
 
 
 def weight_kind(attrs: dict) -> str:
@@ -63,8 +65,14 @@ def triton_path(fmt: str, attrs: dict, kind: str) -> str | None:
     return None
 
 
-def kernel_name(x: torch.Tensor, fmt: str, attrs: dict) -> str:
-    """Which implementation `linear` would use for this input and packed weight."""
+def env_key() -> tuple:
+    """The environment the dispatch reads: a remembered choice holds while it is unchanged."""
+    return os.environ.get("SPARSIFY_KERNELS"), os.environ.get("SPARSIFY_CPU_CACHE"), os.environ.get("TRITON_INTERPRET")
+
+
+def kernel_name(x: torch.Tensor, fmt: str, attrs: dict, tensors: dict | None = None) -> str:
+    """Which implementation `linear` would use for this input and packed weight (``tensors``: the packed
+    tensors, which the CPU's sparse paths need for the weight's density)."""
     mode, kind = _mode(), weight_kind(attrs)
     path = triton_path(fmt, attrs, kind)
     if mode == "reference" or (mode == "triton" and path is None):
@@ -73,6 +81,10 @@ def kernel_name(x: torch.Tensor, fmt: str, attrs: dict) -> str:
         if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise UserError("SPARSIFY_KERNELS=triton on CPU needs TRITON_INTERPRET=1 set before sparsify is imported")
         return path
+    if x.device.type == "cpu":
+        from sparsify.kernels.cpu import paths
+
+        return paths.choose(x, fmt, attrs, tensors)
     if x.device.type != "cuda":
         return "reference"
     if kind == "fp8" and not fp8_supported(x.device):
@@ -86,33 +98,11 @@ def kernel_name(x: torch.Tensor, fmt: str, attrs: dict) -> str:
     return "dense-cached"
 
 
-def _cached(anchor: torch.Tensor, tag, build):
-    """build() once per packed tensor (and in-place version); dropped when the tensor is freed."""
-    key = (id(anchor), anchor._version, tag)
-    if key not in _CACHE:
-        _CACHE[key] = build()
-        weakref.finalize(anchor, _CACHE.pop, key, None)
-    return _CACHE[key]
-
-
-def cache_bytes() -> dict[str, int]:
-    """Bytes the dispatch holds beside the packed weights, by kind ("dense", "semi"): the memory a
-    dense-cached path (bitmask, bsr, large token counts) or a semi-structured weight costs."""
-    out: dict[str, int] = {}
-    for (_, _, tag), w in list(_CACHE.items()):
-        if w is None:
-            continue
-        parts = [w] if isinstance(w, torch.Tensor) and w.layout == torch.strided else [
-            t for t in (getattr(w, a, None) for a in ("packed", "meta")) if isinstance(t, torch.Tensor)]
-        out[tag[0]] = out.get(tag[0], 0) + sum(t.numel() * t.element_size() for t in parts)
-    return out
-
-
 def _dense_weight(x, fmt, tensors, attrs) -> torch.Tensor:
     from sparsify import formats
 
     anchor = tensors["values"] if "values" in tensors else next(iter(tensors.values()))
-    return _cached(anchor, ("dense", x.dtype), lambda: formats.unpack(fmt, tensors, attrs).to(x.dtype))  # (out, in)
+    return cached(anchor, ("dense", x.dtype), lambda: formats.unpack(fmt, tensors, attrs).to(x.dtype))  # (out, in)
 
 
 def _dense_cached(x, fmt, tensors, attrs, bias):
@@ -130,7 +120,7 @@ def _semi_structured(x, fmt, tensors, attrs, bias):
         except (RuntimeError, ValueError):  # shape / dtype cuSPARSELt refuses: the dense weight instead
             return None
 
-    w = _cached(tensors["values"], ("semi", x.dtype), build)
+    w = cached(tensors["values"], ("semi", x.dtype), build)
     if w is None:
         return _dense_cached(x, fmt, tensors, attrs, bias)
     y = torch.nn.functional.linear(x.reshape(-1, x.shape[-1]), w, bias)  # (tokens, out)
@@ -169,7 +159,16 @@ IMPLS = {"reference": reference.linear, "triton-nm": _triton_nm, "triton-nm-wq":
          "dense-cached": _dense_cached}
 
 
+def _register_cpu_paths() -> None:
+    from sparsify.kernels.cpu.paths import PATHS
+
+    IMPLS.update({name: path.run for name, path in PATHS.items()})
+
+
+_register_cpu_paths()
+
+
 def linear(x: torch.Tensor, fmt: str, tensors: dict[str, torch.Tensor], attrs: dict,
            bias: torch.Tensor | None = None) -> torch.Tensor:
     """Packed-weight linear layer: x (..., in) -> (..., out) = x @ W^T (+ bias)."""
-    return IMPLS[kernel_name(x, fmt, attrs)](x, fmt, tensors, attrs, bias)
+    return IMPLS[kernel_name(x, fmt, attrs, tensors)](x, fmt, tensors, attrs, bias)

@@ -1,5 +1,8 @@
 """The Triton kernels as torch custom ops (``torch.ops.sparsify.*``), each with a fake (meta) impl,
-so `torch.compile` and CUDA graphs capture them as single nodes instead of tracing into Triton.
+so `torch.compile` and CUDA graphs capture them as single nodes instead of tracing into Triton; and
+the CPU's C kernel (`sparsify.kernels.cpu.native`), used only while `torch.compile` traces (eager
+calls go to it directly: a custom op's own dispatch costs ~30 us a call on CPU, as much as a
+decode-sized matmul).
 
 `torch.library.custom_op` (not `triton_op`) because it also compiles under the CPU interpreter
 (ENV.md), where the tests run. No ``from __future__ import annotations``: the schema is inferred
@@ -61,4 +64,20 @@ def bsr_linear(x: Tensor, values: Tensor, col_idx: Tensor, row_ptr: Tensor, out_
 
 @bsr_linear.register_fake
 def _(x, values, col_idx, row_ptr, out_features, bias=None):
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+@torch.library.custom_op("sparsify::cpu_nm24_linear", mutates_args=())
+def cpu_nm24_linear(x: Tensor, values: Tensor, meta: Tensor, scale: Optional[Tensor], zero: Optional[Tensor],
+                    out_features: int, group_size: int, kind: str, bias: Optional[Tensor] = None) -> Tensor:
+    """`native.nm24_linear` as an op: 2:4 float32 / int8 / int4 weight, x (..., in) float32 -> (..., out)."""
+    from sparsify.kernels.cpu import native
+
+    tensors = {"values": values, "meta": meta}
+    tensors.update({k: t for k, t in (("scale", scale), ("zero", zero)) if t is not None})
+    return native.nm24_linear(x, tensors, {"shape": [out_features, x.shape[-1]], "group_size": group_size}, kind, bias)
+
+
+@cpu_nm24_linear.register_fake
+def _(x, values, meta, scale, zero, out_features, group_size, kind, bias=None):
     return x.new_empty((*x.shape[:-1], out_features))

@@ -195,26 +195,57 @@ def act_scale(tensors: dict, attrs: dict):
 
 def ds_dequant_labels_ref(labels: torch.Tensor, r: int, label_scale=None, label_zero=None, bits=None) -> torch.Tensor:
     """Double Sparsity label cache -> fp32 (B, KVH, T, r): float labels as they are; uint8 codes
-    (code - zero) * scale per token, zero default 2**(bits-1); bits=4: channel 2j in byte j's low nibble."""
+    (code - zero) * scale, with scale / zero per token (B, KVH, T) or per channel (KVH, r), zero
+    default 2**(bits-1); bits=4: channel 2j in byte j's low nibble."""
     if labels.dtype != torch.uint8:
         return labels.float()
     bits = bits or 8
     codes = labels.long()
     if bits == 4:
         codes = torch.stack([codes & 15, codes >> 4], dim=-1).flatten(-2)[..., :r]  # (B, KVH, T, r)
-    zero = label_zero.float()[..., None] if label_zero is not None else float(2 ** (bits - 1))
-    return (codes.float() - zero) * label_scale.float()[..., None]
+    per_channel = label_scale.dim() == 2
+
+    def grid(t):  # (B, KVH, T) -> (B, KVH, T, 1); (KVH, r) -> (1, KVH, 1, r)
+        return t.float()[None, :, None, :] if per_channel else t.float()[..., None]
+
+    zero = grid(label_zero) if label_zero is not None else float(2 ** (bits - 1))
+    return (codes.float() - zero) * grid(label_scale)
 
 
-def ds_quantize_labels_ref(labels: torch.Tensor, bits: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Float labels (B, KVH, T, r) -> (uint8 codes, fp32 scale, fp32 zero (B, KVH, T)): per-token
-    round-to-nearest over [min, max] (zero an integer code); bits=4 packs two codes a byte, even channel low."""
-    x = labels.float()
-    lo, hi = x.amin(-1).clamp(max=0), x.amax(-1).clamp(min=0)
+def ds_label_grid(x: torch.Tensor, bits: int, lo=None, hi=None):
+    """Round-to-nearest codes of x (..., r) on a uniform grid -> (codes, scale, zero), all fp32, scale / zero
+    broadcastable to x, value = (code - zero) * scale.
+
+    Per token (lo / hi None): over the row's [min(x, 0), max(x, 0)] with an integer zero point. Per
+    channel (calibrated lo / hi): over exactly [lo, hi] (a key channel is often one-sided: forcing 0
+    into its range would waste codes), zero = -lo / scale a float; values beyond the range clip.
+    """
+    x = x.float()
     qmax = 2 ** bits - 1
-    scale = torch.where(hi > lo, (hi - lo) / qmax, torch.ones_like(hi))
-    zero = torch.round(-lo / scale).clamp(0, qmax)
-    codes = (torch.round(x / scale[..., None]) + zero[..., None]).clamp(0, qmax).to(torch.uint8)
+    if lo is None:
+        lo, hi = x.amin(-1, keepdim=True).clamp(max=0), x.amax(-1, keepdim=True).clamp(min=0)
+        scale = torch.where(hi > lo, (hi - lo) / qmax, torch.ones_like(hi))
+        zero = torch.round(-lo / scale).clamp(0, qmax)  # an integer code
+    else:
+        lo, hi = lo.float(), torch.maximum(hi.float(), lo.float())
+        scale = torch.where(hi > lo, (hi - lo) / qmax, torch.ones_like(hi))
+        zero = -lo / scale
+    codes = (torch.round(x / scale + zero)).clamp(0, qmax)  # values beyond [lo, hi] clip
+    return codes, scale, zero
+
+
+def ds_quantize_labels_ref(labels: torch.Tensor, bits: int = 4, label_range: torch.Tensor | None = None,
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Float labels (B, KVH, T, r) -> (uint8 codes, fp32 scale, fp32 zero): per token (B, KVH, T) over each
+    token's [min, max], or with ``label_range`` (2, KVH, r) = [min; max] per channel, scale / zero (KVH, r);
+    bits=4 packs two codes a byte, even channel low."""
+    if label_range is None:
+        codes, scale, zero = ds_label_grid(labels, bits)
+        scale, zero = scale[..., 0], zero[..., 0]  # (B, KVH, T)
+    else:
+        codes, scale, zero = ds_label_grid(labels, bits, label_range[0][None, :, None], label_range[1][None, :, None])
+        scale, zero = scale[0, :, 0], zero[0, :, 0]  # (KVH, r)
+    codes = codes.to(torch.uint8)
     if bits == 4:
         codes = F.pad(codes, (0, codes.shape[-1] % 2))
         codes = codes[..., 0::2] | (codes[..., 1::2] << 4)
@@ -244,3 +275,16 @@ def ds_gather_attention_ref(q, K, V, idx, valid=None, scale=None) -> torch.Tenso
     s = torch.einsum("bhd,bhkd->bhk", q.float(), ks) * (D ** -0.5 if scale is None else scale)
     p = torch.softmax(s.masked_fill(~ok, float("-inf")), dim=-1).nan_to_num(0.0)  # all-padding rows -> 0
     return torch.einsum("bhk,bhkd->bhd", p, vs).to(q.dtype)
+
+
+def matmul_error_bound(x: torch.Tensor, weight: torch.Tensor, bias=None, unit: float = 2.0 ** -24,
+                       extra: int = 4) -> torch.Tensor:
+    """Elementwise bound on |y - (x @ W^T + b)| for any evaluation order of y in floating point of unit
+    roundoff ``unit`` (fp32: 2**-24): a K-term dot product accumulates at most (K - 1) roundings of
+    partial sums no larger than sum |x_k W_k| (the first-order gamma_K bound), plus ``extra`` single
+    roundings (the dequantization product, a group's scale, the bias add). Tests compare two
+    implementations with twice this bound (each may err by it), in float64. Returns (..., out)."""
+    terms = x.double().abs() @ weight.double().abs().T  # (..., out)
+    if bias is not None:
+        terms = terms + bias.double().abs()
+    return (x.shape[-1] + extra) * unit * terms

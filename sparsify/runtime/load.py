@@ -53,9 +53,9 @@ def load_artifact(path: str | Path, device: str = "cpu"):
     registry.load_all()
     model, family, config, dtype = _build_skeleton(path, manifest)
     tensors = read_tensors(path)
-    from sparsify.attention.artifact import install_from_manifest, take_channels
+    from sparsify.attention.artifact import install_from_manifest, take_calibration
 
-    channels = take_channels(manifest, tensors)  # Double Sparsity's rankings are no model tensors
+    attention = take_calibration(manifest, tensors)  # Double Sparsity's rankings / ranges are no model tensors
     for name, entry in manifest["tensors"].items():
         if entry["format"] not in registry.FORMATS:
             raise UserError(f"{name}: unknown packed format {entry['format']!r}: upgrade sparsify")
@@ -72,8 +72,8 @@ def load_artifact(path: str | Path, device: str = "cpu"):
     except ValueError as e:
         raise UserError(f"{path} is incomplete ({e}): re-run 'sparsify prune'") from None
     model.eval().to(device)
-    if channels is not None:
-        install_from_manifest(model, manifest, channels)
+    if attention is not None:
+        install_from_manifest(model, manifest, attention)
     source = ModelSource(path=path, kind="hf-dir", config_dir=path, weight_files=[], alias=None)
     tokenizer, size, mean, std = preprocessing(path, family, config)
     return LoadedModel(model=model, family=family, config=config, tokenizer=tokenizer, image_size=size,

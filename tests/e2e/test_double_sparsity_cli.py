@@ -25,8 +25,9 @@ def test_method_none_artifact_info_and_eval(llama, tmp_path):
     a = m["attention"]
     assert (a["method"], a["statistic"], a["selection"], a["channels"]) == ("double-sparsity", "qk", None, 4)
     assert m["config"]["method"] == "none" and m["tensors"] == {} and m["calibration"]["samples"] == 4
-    info = cli("info", out).stdout
-    assert "double sparsity: qk channels, 4 of 16 per kv head at 4 bits" in info and "block 0 dense" in info
+    info = " ".join(cli("info", out).stdout.split())  # the table wraps long lines
+    assert "double sparsity: qk channels, 4 of 16 per kv head at 4 bits (a calibrated grid per channel)" in info
+    assert "block 0 dense" in info and "highest attention probability" in info
     assert "14 target layers: method none: weights copied unchanged" in info
     r = cli_json("eval", out, "--seq-len", "64", "--windows", "2")  # the source is the baseline
     kv = r["attention"]["kv_bytes"]
@@ -98,7 +99,7 @@ def test_user_errors(llama, tmp_path, case):
 def test_smollm2_calibrated_channels_beat_random():
     """Same budget (k = 32 of 512 tokens, 16 of 64 channels at 4 bits), 2 held-out windows of 512."""
     from sparsify.attention import ds_runtime
-    from sparsify.attention.double_sparsity import DoubleSparsityConfig, collect_stats, rankings
+    from sparsify.attention.double_sparsity import DoubleSparsityConfig, collect_stats, label_ranges, rankings
     from sparsify.calibrate.batches import build_batches
     from sparsify.calibrate.data import eval_windows, load_text
     from sparsify.config import CalibConfig
@@ -113,7 +114,8 @@ def test_smollm2_calibrated_channels_beat_random():
     ppl = {}
     for statistic in ("qk", "random"):
         ds_runtime.install(lm.model, rankings(stats, statistic), DoubleSparsityConfig(tokens=32, channels=16, sink=4,
-                                                                                      recent=8, label_bits=4))
+                                                                                      recent=8, label_bits=4),
+                           label_ranges(stats))
         ppl[statistic] = perplexity(lm.model, windows, 2)["perplexity"]
         ds_runtime.uninstall(lm.model)
     assert dense < ppl["qk"] < ppl["random"], (dense, ppl)

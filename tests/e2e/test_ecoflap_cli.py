@@ -86,7 +86,7 @@ def test_ecoflap_errors_are_one_line(llama, tmp_path):
 def test_ecoflap_bench_on_tiny_llama(llama, tmp_path):
     out = tmp_path / "e.json"
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "ecoflap.py"), "--model", str(llama),
-                           "--sparsities", "0.6,0.7", "--variants",
+                           "--sparsities", "0.7", "--variants",
                            "wanda:uniform,wanda:ecoflap,magnitude:ecoflap/max-sparsity=+0.2@0.7", "--samples", "4", "--seq-len", "32", "--windows", "2",
                            "--zo-blocks", "0,1", "--zo-samples", "2", "--out", str(out)], capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=900)
@@ -94,12 +94,11 @@ def test_ecoflap_bench_on_tiny_llama(llama, tmp_path):
     result = json.loads(out.read_text())
     rows = result["rows"]
     assert [(r["sparsity_target"], r["method"], r["allocation"]) for r in rows] == [
-        (0.6, "wanda", "uniform"), (0.6, "wanda", "ecoflap"), (0.7, "wanda", "uniform"), (0.7, "wanda", "ecoflap"),
-        (0.7, "magnitude", "ecoflap")]
+        (0.7, "wanda", "uniform"), (0.7, "wanda", "ecoflap"), (0.7, "magnitude", "ecoflap")]
     eco = [r for r in rows if r["allocation"] == "ecoflap"]
-    assert [r["scores_reused"] for r in eco] == [False, True, True] and all(r["perplexity"] > 0 for r in rows)
-    assert all(r["ratio_vs_uniform"] > 0 and "ratio_vs_owl" not in r for r in eco[:2])
-    assert "ratio_vs_uniform" not in eco[2] and eco[2]["max_sparsity"] == pytest.approx(0.9)  # no magnitude:uniform
+    assert [r["scores_reused"] for r in eco] == [False, True] and all(r["perplexity"] > 0 for r in rows)
+    assert eco[0]["ratio_vs_uniform"] > 0 and "ratio_vs_owl" not in eco[0]
+    assert "ratio_vs_uniform" not in eco[1] and eco[1]["max_sparsity"] == pytest.approx(0.9)  # no magnitude:uniform
     assert eco[1]["prune_with_scoring_s"] == pytest.approx(eco[1]["prune_s"] + eco[0]["score_s"])
     assert all(r["time_vs_uniform_wanda"] > 0 for r in rows)
     z = result["zeroth_order_timing"]

@@ -29,7 +29,9 @@ def fake_x(tokens, device="cuda", dtype=torch.float16, inp=16):
 def test_cpu_and_forced_modes(monkeypatch, kind):
     attrs, x = {**NM, **KINDS[kind]}, torch.randn(3, 16)
     monkeypatch.delenv("SPARSIFY_KERNELS", raising=False)
-    assert kernels.kernel_name(x, "nm", attrs) == "reference"  # auto on CPU
+    from sparsify.kernels.cpu import paths
+
+    assert kernels.kernel_name(x, "nm", attrs) == paths.choose(x, "nm", attrs) != "reference"  # auto on CPU
     monkeypatch.setenv("SPARSIFY_KERNELS", "triton")
     assert kernels.kernel_name(x, "nm", attrs) == kernels.TRITON_PATH[kind]
     assert kernels.kernel_name(x, "bitmask", {"shape": [8, 16]}) == "reference"  # no Triton kernel: reference

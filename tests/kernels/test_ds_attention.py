@@ -10,7 +10,12 @@ Tolerances, from the arithmetic:
   truncates fp32 -> bf16).
 - quantized labels vs the float labels they came from: with per-token round-to-nearest codes each
   dequantized channel is off by at most one step (scale; the clamp at the range's end can add half
-  a step to the half-step rounding), so |score error| <= sum_c |q_c| * scale_t / sqrt(R).
+  a step to the half-step rounding), so |score error| <= sum_c |q_c| * scale_t / sqrt(R); with a
+  per-channel grid (a float zero point) the same holds against the labels clipped to the grid's range,
+  with scale_c.
+- per-channel grids are folded into q (q_c * scale_c, minus the constant (q * scale) . zero): the sum
+  of R terms each at most |q_c| scale_c (2**bits - 1) in magnitude, plus the constant, at most
+  |q_c| scale_c |zero_c| each, is off by at most 2 R 2**-24 times their magnitude.
 """
 import math
 
@@ -84,6 +89,33 @@ def test_label_scores_quantized(b, h, kvh, t, bits, r):
     assert counter.tolist() == [acct["labels"], b * kvh * t * 2]
 
 
+@pytest.mark.parametrize("b, h, kvh, t", HEADS)
+@pytest.mark.parametrize("bits, r", [(8, 16), (4, 16), (4, 11)])
+def test_label_scores_per_channel(b, h, kvh, t, bits, r):
+    q, k, _, ch = _cache(b, h, kvh, t, 64, r, seed=2 * t + bits + r)
+    q_label, labels = _labels(q, k, ch)
+    grid_range = torch.stack([labels.amin((0, 2)), labels.amax((0, 2))]) * 0.8  # (2, KVH, R): the extremes clip
+    codes, scale, zero = R.ds_quantize_labels_ref(labels, bits, grid_range)
+    assert codes.shape == (b, kvh, t, -(-r // 2) if bits == 4 else r) and scale.shape == zero.shape == (kvh, r)
+    counter = torch.zeros(2, dtype=torch.int64)
+    got = label_scores(q_label, codes, label_scale=scale, label_zero=zero, bits=bits, counter=counter)
+    want = R.ds_label_scores_ref(q_label, codes, label_scale=scale, label_zero=zero, bits=bits)
+    per_head = scale.repeat_interleave(h // kvh, 0)[None]  # (1, H, R)
+    reach = (2 ** bits - 1) + zero.abs().repeat_interleave(h // kvh, 0)[None]  # (1, H, R): |code| + |zero|
+    size = (q_label.abs() * per_head * reach).sum(-1, keepdim=True) / math.sqrt(r)  # (B, H, 1)
+    assert bool(((got - want).abs() <= 2 * (2 * r * 2 ** -24) * size + 1e-6).all())
+    lo, hi = grid_range[0], grid_range[1]  # (KVH, R): a per-channel grid spans exactly the calibrated range
+    clipped = torch.maximum(torch.minimum(labels, hi[None, :, None]), lo[None, :, None])  # independent: clip, no rounding
+    exact = R.ds_label_scores_ref(q_label, clipped)
+    bound = (q_label.abs() * per_head).sum(-1, keepdim=True) / math.sqrt(r)  # (B, H, 1): one step per channel
+    assert bool(((got - exact).abs() <= bound * 1.001 + 1e-5).all())
+    acct = kv_bytes_read(b, h, kvh, t, 64, r, 0, label_bits=bits, channel_meta_bytes=8)  # fp32 table
+    assert acct["label_meta"] == kvh * r * 8
+    assert counter.tolist() == [acct["labels"], acct["label_meta"]]
+    with pytest.raises(UserError, match="per channel"):
+        label_scores(q_label, codes, label_scale=scale[:, :-1], bits=bits)
+
+
 def _dense_masked(q, k, v, idx, ok, scale):
     """Independent slow path: softmax over all T tokens with -inf outside the selected ones, per head."""
     b, h, d = q.shape
@@ -114,6 +146,45 @@ def test_gather_attention(b, h, kvh, t, d, k, dtype):
     if k == t:  # every token selected: plain attention, torch's own
         sdpa = F.scaled_dot_product_attention(q.float()[:, :, None], kc.float(), vc.float(), enable_gqa=True)
         torch.testing.assert_close(got, sdpa[:, :, 0].to(dtype), **TOL[dtype])
+
+
+@pytest.mark.parametrize("b, h, kvh, t, d, k", [(1, 9, 3, 1, 48, 1), (2, 9, 3, 37, 48, 20), (2, 8, 2, 70, 64, 33)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gather_attention_shared_per_kv_head(b, h, kvh, t, d, k, dtype):
+    """idx (B, KVH, k): the query heads of a kv head share one selection; each row is loaded once for all."""
+    q, kc, vc, _ = _cache(b, h, kvh, t, d, 1, seed=3 * t + k, dtype=dtype)
+    gen = torch.Generator().manual_seed(k + 1)
+    idx = torch.rand(b, kvh, t, generator=gen).argsort(-1)[..., :k].int()  # (B, KVH, k)
+    valid = torch.randint(0, k + 1, (b, kvh), generator=gen)
+    counter = torch.zeros(2, dtype=torch.int64)
+    got = gather_attention(q, kc, vc, idx, valid, counter=counter)
+    per_head, per_head_valid = idx.repeat_interleave(h // kvh, 1), valid.repeat_interleave(h // kvh, 1)  # (B, H, k)
+    torch.testing.assert_close(got, R.ds_gather_attention_ref(q, kc, vc, per_head, per_head_valid), **TOL[dtype])
+    assert counter.tolist() == [int(valid.clamp(max=k).sum()) * d * 2 * kc.element_size(), 0]
+    counter.zero_()
+    gather_attention(q, kc, vc, idx, counter=counter)
+    assert counter.tolist() == [kv_bytes_read(b, h, kvh, t, d, 1, k, kv_itemsize=kc.element_size(), shared=True)
+                                ["gather"], 0]
+
+
+def test_one_decode_step_reads_a_tenth_of_dense_at_one_sixteenth():
+    """SmolLM2's shapes at 1/16 (METHODS.md): 2048 cached tokens, 16 of 64 channels at 4 bits on a per-channel
+    grid, 128 tokens shared per kv head; the kernels' own counters equal the analytic count, <= 1/10 of dense."""
+    from sparsify.attention.accounting import kv_bytes
+    from sparsify.attention.double_sparsity import DoubleSparsityConfig
+
+    b, h, kvh, t, d, r, k = 1, 9, 3, 2048, 64, 16, 128
+    q, kc, vc, ch = _cache(b, h, kvh, t, d, r, seed=16, dtype=torch.float16)
+    q_label, labels = _labels(q, kc, ch)
+    codes, scale, zero = R.ds_quantize_labels_ref(labels, 4, torch.stack([labels.amin((0, 2)), labels.amax((0, 2))]))
+    counter = torch.zeros(2, dtype=torch.int64)
+    scores = label_scores(q_label, codes, label_scale=scale, label_zero=zero, bits=4, counter=counter)  # (B, H, T)
+    idx = scores.view(b, kvh, h // kvh, t).amax(2).topk(k, dim=-1).indices  # (B, KVH, k): one selection per kv head
+    gather_attention(q, kc, vc, idx, counter=counter)
+    layer = kv_bytes({"blocks": 30, "heads": h, "kv_heads": kvh, "head_dim": d},
+                     DoubleSparsityConfig(tokens=k, channels=r, label_bits=4), t)["per_sparse_layer"]
+    assert counter.tolist() == [layer["labels"] + layer["gather"], layer["label_meta"]]
+    assert int(counter.sum()) == layer["sparse"] and layer["sparse"] <= layer["dense"] / 10
 
 
 def test_gather_padding_views_and_counts():

@@ -14,26 +14,39 @@ from sparsify.attention.double_sparsity import DoubleSparsityConfig, collect_sta
 from sparsify.errors import UserError
 
 
-def _ref_quant(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """One token's labels (r,) as stored: fp16, or asymmetric round-to-nearest over [min(x, 0), max(x, 0)]."""
+def _ref_code(v: float, lo: float, hi: float, bits: int, channel: bool) -> float:
+    """One value as stored: asymmetric round-to-nearest, clipped. Per token over [min(lo, 0), max(hi, 0)]
+    with an integer zero point; per channel over exactly [lo, hi] (zero point -lo / scale)."""
+    qmax = 2 ** bits - 1
+    if not channel:
+        lo, hi = min(lo, 0.0), max(hi, 0.0)
+    scale = (hi - lo) / qmax if hi > lo else 1.0
+    zero = -lo / scale if channel else min(max(round(-lo / scale), 0), qmax)
+    return (min(max(round(v / scale + zero), 0), qmax) - zero) * scale
+
+
+def _ref_quant(x: torch.Tensor, bits: int, grid=None) -> torch.Tensor:
+    """One token's labels (r,) as stored: fp16; or on the token's own range; or, with ``grid`` (2, r), on each
+    channel's calibrated range."""
     if bits == 16:
         return x.half().float()
-    qmax = 2 ** bits - 1
-    lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
-    scale = (hi - lo) / qmax if hi > lo else 1.0
-    zero = min(max(round(-lo / scale), 0), qmax)
-    return torch.tensor([(min(max(round(float(v) / scale) + zero, 0), qmax) - zero) * scale for v in x])
+    if grid is None:
+        return torch.tensor([_ref_code(float(v), float(x.min()), float(x.max()), bits, False) for v in x])
+    return torch.tensor([_ref_code(float(v), float(grid[0, c]), float(grid[1, c]), bits, True)
+                         for c, v in enumerate(x)])
 
 
-def _reference(q, k, v, channels, cfg: DoubleSparsityConfig, scaling: float) -> torch.Tensor:
-    """Per query: label scores, sink + recent + top-k, softmax over the selected tokens. (B, Tq, H, D)."""
+def _reference(q, k, v, channels, cfg: DoubleSparsityConfig, scaling: float, grid=None) -> torch.Tensor:
+    """Per query: label scores, sink + recent + top-k, softmax over the selected tokens. (B, Tq, H, D).
+    ``grid`` (2, kv, r): per-channel label ranges."""
     b, heads, tq, d = q.shape
     kv, tk = k.shape[1], k.shape[2]
     g = heads // kv
     r = channels.shape[1]
     out = torch.zeros(b, tq, heads, d)
     for bi in range(b):
-        labels = [[_ref_quant(k[bi, j, t, channels[j]], cfg.label_bits) for t in range(tk)] for j in range(kv)]
+        labels = [[_ref_quant(k[bi, j, t, channels[j]], cfg.label_bits, None if grid is None else grid[:, j])
+                   for t in range(tk)] for j in range(kv)]
         for i in range(tq):
             ctx = list(range(tk - tq + i + 1))  # causal: the query is position tk - tq + i
             budget = cfg.tokens if isinstance(cfg.tokens, int) else math.ceil(cfg.tokens * len(ctx))
@@ -49,6 +62,13 @@ def _reference(q, k, v, channels, cfg: DoubleSparsityConfig, scaling: float) -> 
                     picked = sorted(rest, key=lambda t: -approx[h][t])[:heavy]
                 elif cfg.select == "sum":
                     picked = sorted(rest, key=lambda t: -sum(approx[hh][t] for hh in group))[:heavy]
+                elif cfg.select == "max":  # the best log-probability under any head, softmax over the context
+                    lse = {hh: torch.logsumexp(torch.tensor([approx[hh][t] for t in ctx]) * math.sqrt(r) * scaling, 0)
+                           for hh in group}
+                    best = {t: max(float(approx[hh][t] * math.sqrt(r) * scaling - lse[hh]) for hh in group)
+                            for t in rest}
+                    own = {t for hh in group for t in sorted(rest, key=lambda t: -approx[hh][t])[:heavy // (2 * g)]}
+                    picked = (sorted(own) + sorted(set(rest) - own, key=lambda t: -best[t]))[:heavy]
                 else:  # union: head by head, round by round, each head's next best token not yet taken
                     ranking = {hh: sorted(rest, key=lambda t: -approx[hh][t]) for hh in group}
                     picked = []
@@ -69,26 +89,54 @@ def _qkv(b=2, heads=4, kv=2, tq=14, tk=14, d=16, seed=1):
             torch.randn(b, kv, tk, d, generator=g))
 
 
+def _ranges(layers=4, kv=2, d=16, seed=0):
+    """{layer: (2, kv, d)} seeded channel ranges [min; max] of about 2 standard normals (some keys clip)."""
+    g = torch.Generator().manual_seed(seed)
+    return {i: torch.stack([-2 * torch.rand(kv, d, generator=g), 2 * torch.rand(kv, d, generator=g)])
+            for i in range(layers)}
+
+
 @pytest.mark.parametrize("cfg", [
+    DoubleSparsityConfig(tokens=6, channels=4, label_bits=4, sink=1, recent=2, label_scale="token"),
     DoubleSparsityConfig(tokens=6, channels=4, label_bits=4, sink=1, recent=2),
     DoubleSparsityConfig(tokens=7, channels=5, label_bits=4, sink=1, recent=1, select="sum"),
-    DoubleSparsityConfig(tokens=5, channels=6, label_bits=8, sink=2, recent=1, select="head"),
+    DoubleSparsityConfig(tokens=6, channels=4, label_bits=4, sink=1, recent=1, select="max"),
+    DoubleSparsityConfig(tokens=11, channels=4, label_bits=4, sink=1, recent=1, select="max"),
+    DoubleSparsityConfig(tokens=0.3, channels=3, label_bits=16, sink=0, recent=0, select="max"),
+    DoubleSparsityConfig(tokens=5, channels=6, label_bits=8, sink=2, recent=1, select="head", label_scale="token"),
     DoubleSparsityConfig(tokens=0.4, channels=3, label_bits=16, sink=0, recent=1),
     DoubleSparsityConfig(tokens=4, channels=16, label_bits=16, sink=0, recent=0, select="sum"),
-], ids=["union-4bit", "sum-4bit", "head-8bit", "union-fraction-16bit", "sum-all-channels"])
+], ids=["union-4bit-token", "union-4bit-channel", "sum-4bit-channel", "max-4bit-channel", "max-own-4bit-channel", "max-fraction-16bit",
+        "head-8bit-token", "union-fraction-16bit",
+        "sum-all-channels"])
 def test_sparse_attention_matches_slow_reference(cfg):
     q, k, v = _qkv()
     channels = torch.stack([torch.randperm(16, generator=torch.Generator().manual_seed(j))[:cfg.channel_count(16)]
                             for j in range(2)])  # (kv, r)
+    grid = torch.gather(_ranges(1)[0], 2, channels[None].expand(2, *channels.shape)) if cfg.needs_ranges else None
     allowed = ds_runtime.allowed_keys(None, 2, 14, 14, "cpu")
-    got = ds_runtime.sparse_attention(q, k, v, allowed, channels, cfg, 0.25, chunk=5)  # chunks: 5, 5, 4 queries
-    torch.testing.assert_close(got, _reference(q, k, v, channels, cfg, 0.25), rtol=1e-4, atol=1e-5)
+    got = ds_runtime.sparse_attention(q, k, v, allowed, channels, cfg, 0.25, chunk=5, label_range=grid)  # chunks 5, 5, 4
+    torch.testing.assert_close(got, _reference(q, k, v, channels, cfg, 0.25, grid), rtol=1e-4, atol=1e-5)
+
+
+def test_max_selection_keeps_each_heads_own_best_before_the_most_probable():
+    """Head 0 is nearly flat (its best, token 11, has probability ~1/12); head 1 puts ~1/5 on each of tokens
+    0-4. By probability alone head 1 would take all 4 slots; each head's own best 4 // (2 * 2) = 1 comes first."""
+    approx = torch.zeros(1, 1, 2, 1, 12)  # (B, KV, g, Tq, Tk)
+    approx[0, 0, 0, 0] = torch.linspace(0, 0.1, 12)
+    approx[0, 0, 1, 0, :5] = torch.tensor([5.0, 4.9, 4.8, 4.7, 4.6])
+    allowed = torch.ones(1, 1, 1, 12, dtype=torch.bool)
+    cfg = DoubleSparsityConfig(tokens=4, channels=4, sink=0, recent=0, select="max")
+    chosen = ds_runtime.select_tokens(approx, allowed, cfg)  # (1, 1, 1, 1, 12)
+    assert chosen[0, 0, 0, 0].nonzero().flatten().tolist() == [0, 1, 2, 11]
+    by_probability = ds_runtime.max_probability(approx, allowed[:, None], 1.0)[0, 0, 0, 0]
+    assert by_probability.topk(4).indices.sort().values.tolist() == [0, 1, 2, 3]  # what the guard changes
 
 
 def test_decode_rows_over_a_longer_cache_match_the_reference():
     """Queries that are the last 3 positions of 12 (a decode step of 3 tokens over a cache)."""
     q, k, v = _qkv(tq=3, tk=12, seed=3)
-    cfg = DoubleSparsityConfig(tokens=5, channels=4, label_bits=4, sink=1, recent=1)
+    cfg = DoubleSparsityConfig(tokens=5, channels=4, label_bits=4, sink=1, recent=1, label_scale="token")
     channels = torch.tensor([[0, 3, 5, 7], [15, 2, 9, 1]])
     got = ds_runtime.sparse_attention(q, k, v, ds_runtime.allowed_keys(None, 2, 3, 12, "cpu"), channels, cfg, 0.25)
     torch.testing.assert_close(got, _reference(q, k, v, channels, cfg, 0.25), rtol=1e-4, atol=1e-5)
@@ -127,10 +175,10 @@ def test_k_covering_the_context_is_dense_attention_and_first_layers_stay_dense()
              for i, layer in enumerate(model.model.layers)]
     dense_logits = model(input_ids=ids).logits
     dense = dict(outs)
-    ds_runtime.install(model, _rankings(), DoubleSparsityConfig(tokens=40, channels=4, sink=2, recent=4))
+    ds_runtime.install(model, _rankings(), DoubleSparsityConfig(tokens=40, channels=4, sink=2, recent=4), _ranges())
     assert model.config._attn_implementation == "sparsify_ds_sdpa"
     torch.testing.assert_close(model(input_ids=ids).logits, dense_logits, rtol=1e-5, atol=1e-5)
-    ds_runtime.install(model, _rankings(), DoubleSparsityConfig(tokens=8, channels=4, sink=1, recent=2))
+    ds_runtime.install(model, _rankings(), DoubleSparsityConfig(tokens=8, channels=4, sink=1, recent=2), _ranges())
     sparse_logits = model(input_ids=ids).logits
     for h in hooks:
         h.remove()
@@ -147,7 +195,7 @@ def test_generate_decode_steps_match_the_full_sequence_simulation():
     """Greedy tokens from generate() (one query over the cache per step) equal the argmax of one forward
     over the whole sequence (every position its own selection): the two paths select alike."""
     model = _llama()
-    ds_runtime.install(model, _rankings(), DoubleSparsityConfig(tokens=10, channels=4, sink=1, recent=3))
+    ds_runtime.install(model, _rankings(), DoubleSparsityConfig(tokens=10, channels=4, sink=1, recent=3), _ranges())
     prompt = torch.randint(0, 96, (1, 30), generator=torch.Generator().manual_seed(2))
     out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False,
                          pad_token_id=0)
@@ -228,6 +276,11 @@ def test_prune_load_generate_on_tiny_llama(tmp_path):
     assert ds_runtime.installed(loaded.model) and loaded.model.model.layers[0].self_attn._sparsify_ds.channels is None
     assert torch.equal(loaded.model.model.layers[1].self_attn._sparsify_ds.channels,
                        stored["ds.layers.1.channels"][:, :4].long())
+    grid = stored["ds.layers.1.label_range"]  # (2, kv, head_dim): the calibrated range of every key channel
+    assert grid.dtype == torch.float32 and grid.shape == (2, 2, 16) and bool((grid[0] <= grid[1]).all())
+    chosen = stored["ds.layers.1.channels"][:, :4].long()
+    assert torch.equal(loaded.model.model.layers[1].self_attn._sparsify_ds.label_range,
+                       torch.gather(grid, 2, chosen[None].expand(2, 2, 4)))
     ids = loaded.tokenizer("the value of the", return_tensors="pt").input_ids
     out = loaded.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False,
                                 pad_token_id=0)
@@ -261,10 +314,13 @@ def test_kv_bytes_at_one_sixteenth_on_smollm2_shapes():
     kv = kv_bytes(shape, DoubleSparsityConfig(tokens=128, channels=16, label_bits=4), 2048)
     layer = kv["per_sparse_layer"]
     assert layer["dense"] == 3 * 2048 * 64 * 2 * 2
-    assert layer["labels"] == 3 * 2048 * 8 and layer["label_meta"] == 3 * 2048 * 4
+    assert layer["labels"] == 3 * 2048 * 8 and layer["label_meta"] == 3 * 16 * 2 * 4  # the fp32 per-channel grid
     assert layer["gather"] == 3 * 128 * 64 * 2 * 2
     assert layer["ratio_without_meta"] == pytest.approx(1 / 32 + 1 / 16)
-    assert layer["ratio"] == pytest.approx(1 / 32 + 1 / 64 + 1 / 16)
+    assert layer["ratio"] == pytest.approx(1 / 32 + 1 / 16 + 384 / layer["dense"]) and layer["ratio"] <= 1 / 10
+    token = kv_bytes(shape, DoubleSparsityConfig(tokens=128, channels=16, label_bits=4, label_scale="token"), 2048)
+    assert token["per_sparse_layer"]["label_meta"] == 3 * 2048 * 4  # fp16 scale + zero per token
+    assert token["per_sparse_layer"]["ratio"] == pytest.approx(1 / 32 + 1 / 64 + 1 / 16)
     assert kv["token_sparsity"] == kv["label_sparsity"] == 1 / 16
     assert kv["model"]["ratio"] == pytest.approx((2 + 28 * layer["ratio"]) / 30)
     per_head = kv_bytes(shape, DoubleSparsityConfig(tokens=128, channels=16, label_bits=4, select="head"), 2048)
@@ -285,10 +341,13 @@ def test_other_architectures_run_and_are_exact_when_k_covers_the_context(family)
     layers = ds_runtime.attention_layers(model)
     kv = layers[0].config.num_key_value_heads if family != "gpt2" else 4
     channels = {i: torch.stack([torch.randperm(layers[0].head_dim) for _ in range(kv)]) for i in range(len(layers))}
+    ranges = _ranges(len(layers), kv, layers[0].head_dim)
     ids = torch.randint(5, 500, (1, 24), generator=torch.Generator().manual_seed(0))
     dense = model(input_ids=ids).logits
-    ds_runtime.install(model, channels, DoubleSparsityConfig(tokens=64, channels=4, sink=1, recent=2, dense_layers=0))
+    ds_runtime.install(model, channels, DoubleSparsityConfig(tokens=64, channels=4, sink=1, recent=2, dense_layers=0),
+                       ranges)
     torch.testing.assert_close(model(input_ids=ids).logits, dense, rtol=1e-5, atol=1e-5)
-    ds_runtime.install(model, channels, DoubleSparsityConfig(tokens=6, channels=4, sink=1, recent=2, dense_layers=0))
+    ds_runtime.install(model, channels, DoubleSparsityConfig(tokens=6, channels=4, sink=1, recent=2, dense_layers=0),
+                       ranges)
     assert not torch.allclose(model(input_ids=ids).logits, dense, atol=1e-3)
-    assert model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0).shape == (1, 27)
+    assert model.generate(ids, max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0).shape == (1, 27)

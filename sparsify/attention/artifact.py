@@ -92,15 +92,16 @@ def take_calibration(manifest: dict, tensors: dict[str, torch.Tensor]) -> tuple[
     if section.get("method") != METHOD:
         raise UserError(f"unknown attention method {section.get('method')!r} in the manifest: upgrade sparsify")
     config = DoubleSparsityConfig.from_json(section["config"])
-    channels, ranges = {}, {} if config.needs_ranges else None
-    for i in range(section["blocks"]):
-        for name, store, cast in ((TENSOR, channels, torch.Tensor.long), (RANGE, ranges, torch.Tensor.float)):
-            if store is None:
-                continue
-            if name.format(i) not in tensors:
-                raise UserError(f"the artifact lacks {name.format(i)}: it is incomplete; re-run 'sparsify prune'")
-            store[i] = cast(tensors.pop(name.format(i)))
+    blocks = range(section["blocks"])
+    channels = {i: _take(tensors, TENSOR.format(i)).long() for i in blocks}
+    ranges = {i: _take(tensors, RANGE.format(i)).float() for i in blocks} if config.needs_ranges else None
     return channels, ranges
+
+
+def _take(tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    if name not in tensors:
+        raise UserError(f"the artifact lacks {name}: it is incomplete; re-run 'sparsify prune'")
+    return tensors.pop(name)
 
 
 def install_from_manifest(model, manifest: dict, calibration: tuple[dict, dict | None]) -> None:

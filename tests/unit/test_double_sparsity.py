@@ -119,6 +119,16 @@ def test_sparse_attention_matches_slow_reference(cfg):
     torch.testing.assert_close(got, _reference(q, k, v, channels, cfg, 0.25, grid), rtol=1e-4, atol=1e-5)
 
 
+def test_a_per_channel_grid_without_its_ranges_is_a_user_error():
+    model = _llama()
+    with pytest.raises(UserError, match="calibrated channel ranges.*--ds-label-scale token"):
+        ds_runtime.install(model, _rankings(), DoubleSparsityConfig(tokens=8, channels=4, sink=1, recent=2))
+    assert not ds_runtime.installed(model) and model.config._attn_implementation == "sdpa"
+    ds_runtime.install(model, _rankings(), DoubleSparsityConfig(tokens=8, channels=4, sink=1, recent=2,
+                                                                label_scale="token"))  # per token: no ranges needed
+    assert ds_runtime.installed(model)
+
+
 def test_max_selection_keeps_each_heads_own_best_before_the_most_probable():
     """Head 0 is nearly flat (its best, token 11, has probability ~1/12); head 1 puts ~1/5 on each of tokens
     0-4. By probability alone head 1 would take all 4 slots; each head's own best 4 // (2 * 2) = 1 comes first."""
@@ -281,6 +291,11 @@ def test_prune_load_generate_on_tiny_llama(tmp_path):
     chosen = stored["ds.layers.1.channels"][:, :4].long()
     assert torch.equal(loaded.model.model.layers[1].self_attn._sparsify_ds.label_range,
                        torch.gather(grid, 2, chosen[None].expand(2, 2, 4)))
+    from sparsify.attention.artifact import take_calibration
+
+    incomplete = {k: v for k, v in stored.items() if k != "ds.layers.1.label_range"}
+    with pytest.raises(UserError, match="lacks ds.layers.1.label_range.*re-run 'sparsify prune'"):
+        take_calibration(manifest, incomplete)
     ids = loaded.tokenizer("the value of the", return_tensors="pt").input_ids
     out = loaded.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False,
                                 pad_token_id=0)
@@ -300,6 +315,7 @@ def test_parse_amount(text, flag, expected):
     ({"channels": "abc"}, "--ds-channels 'abc'"), ({"channels": "3/2"}, "--ds-channels"),
     ({"tokens": "0"}, "--ds-tokens"), ({"label_bits": 2}, "--ds-label-bits 2"),
     ({"statistic": "qq"}, "--ds-statistic 'qq'"), ({"tokens": 30, "sink": 4, "recent": 26}, "no room"),
+    ({"label_scale": "row"}, "--ds-label-scale 'row'"), ({"select": "all"}, "--ds-select 'all'"),
 ])
 def test_bad_options_are_user_errors(kwargs, match):
     with pytest.raises(UserError, match=match):

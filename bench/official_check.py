@@ -1,7 +1,9 @@
 """Cross-check: the official Wanda repository's pruners on the same model and data as bench/quality.py.
 
 Runs ``lib.prune.prune_wanda`` / ``prune_sparsegpt`` from a local checkout of
-https://github.com/locuslab/wanda (its SparseGPT is the IST-DASLab code it vendors) on SmolLM2-135M
+https://github.com/locuslab/wanda (its SparseGPT is the IST-DASLab code it vendors), and with
+``--admm-repo`` ``prune_admm`` from github.com/fmfi-compbio/admm-pruning (ADMM-Grad, a fork of the
+same code; config ``admm:2:4``), each config in a fresh process, on SmolLM2-135M
 with sparsify's built-in calibration batches (the same 64 x 512 tokens, seed 0, that `sparsify prune`
 uses), then measures perplexity with sparsify's evaluator on the same 32 x 512 held-out windows, and
 prints it next to bench/results/quality_smollm2.json. Nothing of that repository is part of sparsify:
@@ -14,12 +16,16 @@ given its rotary ``position_embeddings`` and returns a tuple (transformers 5 lay
 return a bare tensor, which the official ``layer(...)[0]`` would slice).
 
     git clone https://github.com/locuslab/wanda /tmp/wanda   # once
-    python bench/official_check.py --repo /tmp/wanda [--configs wanda:unstructured,wanda:2:4,sparsegpt:2:4]
+    git clone https://github.com/fmfi-compbio/admm-pruning /tmp/admm   # once, for admm:* configs
+    python bench/official_check.py --repo /tmp/wanda [--admm-repo /tmp/admm]
+        [--configs wanda:unstructured,wanda:2:4,sparsegpt:2:4,admm:2:4]
 """
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
+import multiprocessing
 import sys
 import time
 import types
@@ -63,6 +69,7 @@ def run(prune_mod, method: str, scheme: str, args) -> dict:
     from sparsify.config import CalibConfig
     from sparsify.eval.perplexity import perplexity
     from sparsify.models.load import load_model, resolve
+    from sparsify.resources import peak_rss_mb
 
     lm = load_model(resolve(args.model))
     model, tok = lm.model, lm.tokenizer
@@ -76,21 +83,36 @@ def run(prune_mod, method: str, scheme: str, args) -> dict:
     undo, t = _patch_layers(model), time.perf_counter()
     try:
         with torch.no_grad():
-            fn = prune_mod.prune_wanda if method == "wanda" else prune_mod.prune_sparsegpt
+            fn = getattr(prune_mod, f"prune_{method}")
             fn(opts, model, tok, torch.device("cpu"), prune_n=n, prune_m=m)
     finally:
         undo()
     seconds = time.perf_counter() - t
+    rss = peak_rss_mb()  # this process: a fresh one under `in_fresh_process`
     windows = eval_windows(tok, load_text("builtin", "eval"), args.seq_len, args.windows)
     return {"config": f"{method} {scheme}", "perplexity": perplexity(model, windows)["perplexity"],
-            "prune_s": round(seconds, 1)}
+            "prune_s": round(seconds, 3), "peak_rss_mb": round(rss)}
+
+
+def run_official(repo: str, method: str, scheme: str, args) -> dict:
+    return run(_official(repo), method, scheme, args)
+
+
+def in_fresh_process(fn, *a) -> dict:
+    """``fn(*a)`` in a spawned process: each run starts from a clean interpreter (allocator state, caches,
+    process-wide settings), and two checkouts' ``lib`` packages never meet in one process."""
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *a).result()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repo", required=True, help="local checkout of github.com/locuslab/wanda")
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--configs", default="wanda:unstructured,wanda:2:4,sparsegpt:2:4")
+    ap.add_argument("--admm-repo", default=None, help="local checkout of github.com/fmfi-compbio/admm-pruning")
+    ap.add_argument("--configs", default=None,
+                    help="method:scheme list (default: wanda unstructured and 2:4, sparsegpt 2:4, and admm 2:4 "
+                         "with --admm-repo)")
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--windows", type=int, default=32)
@@ -98,12 +120,19 @@ def main() -> None:
     ap.add_argument("--ours", default=str(ROOT / "bench" / "results" / "quality_smollm2.json"))
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "official_check_smollm2.json"))
     args = ap.parse_args()
-    prune_mod = _official(args.repo)
+    _official(args.repo)  # a bad --repo fails here, before any run
+    if args.admm_repo:
+        _official(args.admm_repo)
+    configs = args.configs or "wanda:unstructured,wanda:2:4,sparsegpt:2:4" + (",admm:2:4" if args.admm_repo else "")
     ours = {r["config"]: r["perplexity"] for r in json.loads(Path(args.ours).read_text())["rows"]}
     rows = []
-    for c in args.configs.split(","):
+    for c in configs.split(","):
         method, scheme = c.split(":", 1)
-        r = run(prune_mod, method, scheme, args)
+        repo = args.admm_repo if method == "admm" else args.repo
+        if repo is None:
+            raise SystemExit(f"config {c}: pass --admm-repo (a checkout of github.com/fmfi-compbio/admm-pruning)")
+        r = in_fresh_process(run_official, repo, method, scheme, args)
+        r["repo"] = {args.repo: "github.com/locuslab/wanda", args.admm_repo: "github.com/fmfi-compbio/admm-pruning"}[repo]
         r["sparsify_perplexity"] = ours.get(r["config"])
         r["relative_difference"] = None if r["sparsify_perplexity"] is None else \
             round(r["sparsify_perplexity"] / r["perplexity"] - 1, 4)

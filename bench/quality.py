@@ -8,6 +8,7 @@ one to propagate). Prints a table and writes bench/results/quality_<model>.json.
     python bench/quality.py                       # the committed run (SmolLM2, 64 x 512 calib, 32 x 512 eval)
     python bench/quality.py --suite quant         # issue 3 rows: 2:4 + int8 / int4, joint vs round-to-nearest
     python bench/quality.py --suite distill       # 2:4 SparseGPT with and without --distill-steps
+    python bench/quality.py --suite admm --admm-repo /tmp/admm   # issue 14: ADMM rows beside the ADMM-Grad code
     python bench/quality.py --model DIR --samples 4 --seq-len 64 --windows 2 --methods magnitude --out /tmp/q.json
 """
 from __future__ import annotations
@@ -116,7 +117,10 @@ def runs(suite: str, methods: list[str], schemes: list[str], distill_steps: int)
              ("sparsegpt 2:4 int4-g128 rtn", sgpt + ["--quant", "int4", "--group-size", "128", "--rtn-quant"])]
     distill = [("sparsegpt 2:4 distill 0", sgpt),
                (f"sparsegpt 2:4 distill {distill_steps}", sgpt + ["--distill-steps", str(distill_steps)])]
-    table = {"spine": spine, "quant": quant, "distill": distill}
+    admm = [("sparsegpt 2:4", sgpt), ("admm 2:4", ["--method", "admm", "--scheme", "2:4"]),
+            ("admm 2:4 fixed wanda mask", ["--method", "admm", "--scheme", "2:4", "--method-arg", "gradual=0"]),
+            ("admm 2:4 int8 joint", ["--method", "admm", "--scheme", "2:4", "--quant", "int8"])]
+    table = {"spine": spine, "quant": quant, "distill": distill, "admm": admm}
     return [r for name in (table if suite == "all" else suite.split(",")) for r in table[name]]
 
 
@@ -126,6 +130,8 @@ def main() -> None:
     ap.add_argument("--methods", default="magnitude,wanda,sparsegpt")
     ap.add_argument("--schemes", default="unstructured,2:4,4:8")
     ap.add_argument("--distill-steps", type=int, default=20)
+    ap.add_argument("--admm-repo", default=None, help="checkout of github.com/fmfi-compbio/admm-pruning: adds its "
+                                                       "ADMM-Grad 2:4 as a row, run on the same batches (official_check)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     suffix = "" if args.suite == "spine" else "_" + args.suite.replace(",", "_")
@@ -155,6 +161,14 @@ def main() -> None:
                          "calibrate_prune_over_2_forwards": round(tim["calibrate_prune_s"] / (2 * fwd), 2),
                          "distill": m.get("distill"), **mask})
             print(json.dumps(rows[-1]), file=sys.stderr)
+    if args.admm_repo:
+        from official_check import in_fresh_process, run_official
+
+        r = in_fresh_process(run_official, args.admm_repo, "admm", "2:4", args)
+        rows.append({"config": "ADMM-Grad 2:4 (official code)", "perplexity": r["perplexity"], "sparsity": 0.5,
+                     "prune_s": r["prune_s"], "calibrate_prune_s": r["prune_s"], "peak_rss_mb": r["peak_rss_mb"],
+                     "repo": "github.com/fmfi-compbio/admm-pruning"})
+        print(json.dumps(rows[-1]), file=sys.stderr)
     result = {"model": args.model, "suite": args.suite,
               "calibration": {"source": "builtin", "samples": args.samples, "seq_len": args.seq_len, "seed": args.seed},
               "evaluation": {"data": "builtin eval split", "seq_len": args.seq_len,

@@ -10,6 +10,11 @@ CPU kernel its packed layers run at decode. Issue #13's targets (batch-1 decode 
 
     python bench/speed.py                        # threads: torch's default
     python bench/speed.py --threads 1 --reps 5   # one core (a shared machine: see the README's CPU section)
+    python bench/speed.py --official /tmp/wanda --prune-only   # prune time against the official code
+
+``--official REPO`` first runs `bench/prune_speed.py` (issue #13's prune-time targets: sparsify /
+official Wanda 2:4 <= 0.9, SparseGPT 2:4 <= 0.7, side by side in this process), which writes
+bench/results/prune_speed_smollm2.json.
 """
 from __future__ import annotations
 
@@ -64,7 +69,16 @@ def main(argv=None) -> dict:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "speed_smollm2.json"))
+    ap.add_argument("--official", default=None, metavar="REPO",
+                    help="also time pruning against this checkout of github.com/locuslab/wanda (bench/prune_speed.py)")
+    ap.add_argument("--prune-only", action="store_true", help="with --official: skip the runtime measurements")
     args = ap.parse_args(argv)
+    if args.official:
+        import prune_speed
+
+        prune_speed.main(["--repo", args.official, "--model", args.model])
+        if args.prune_only:
+            return {}
     import torch
 
     from quality import print_table, write_results

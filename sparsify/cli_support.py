@@ -92,7 +92,8 @@ def parse_kv(items: list[str], flag: str) -> dict:
 
 # Options shared by `prune` and `plan`: declared once, added to both commands by `layer_options`.
 LAYER_OPTIONS = [
-    ("method", Optional[str], typer.Option(None, help="magnitude | wanda | sparsegpt | none (weights unchanged, e.g. with --attention). Default: wanda, or magnitude for a bare .safetensors.")),
+    ("method", Optional[str], typer.Option(None, help="magnitude | wanda | sparsegpt | admm | none (weights unchanged, e.g. with --attention). Default: wanda, or magnitude for a bare .safetensors.")),
+    ("preset", Optional[str], typer.Option(None, help="fast (wanda) | best (the lowest measured 2:4 perplexity: admm): sets --method and its options; the manifest records what it chose.")),
     ("scheme", str, typer.Option("unstructured", help="unstructured | N:M (2:4, 4:8, ...) | block:RxC (whole tiles, e.g. block:32x32; stored as bsr).")),
     ("sparsity", float, typer.Option(0.5, help="Fraction removed, in [0, 1) (unstructured; an N:M scheme fixes its own, 1 - N/M).")),
     ("per", str, typer.Option("row", help="unstructured threshold per output 'row' or per 'layer'.")),
@@ -131,10 +132,18 @@ def prune_config(layer: dict, model: str, **more):
     """A `PruneConfig` from the shared layer options plus a command's own settings."""
     from sparsify.config import PruneConfig
 
-    method = layer["method"]
+    method, preset = layer["method"], layer["preset"]
+    if preset is not None:
+        from sparsify.errors import UserError
+        from sparsify.presets import resolve
+
+        chosen = resolve(preset, {})[0]
+        if method not in (None, chosen):
+            raise UserError(f"--preset {preset} chooses --method {chosen}: drop --method {method} or --preset")
+        method = chosen
     if method is None:
         method = "magnitude" if model.endswith(".safetensors") and not has_config(model) else "wanda"
-    return PruneConfig(method=method, scheme=layer["scheme"], sparsity=layer["sparsity"], per=layer["per"],
+    return PruneConfig(method=method, preset=preset, scheme=layer["scheme"], sparsity=layer["sparsity"], per=layer["per"],
                        quant=layer["quant"], group_size=layer["group_size"], targets=layer["targets"] or None,
                        ignore=layer["ignore"] or None, method_args=parse_kv(layer["method_arg"], "--method-arg"),
                        plan=layer["plan"], allocation=layer["allocation"], dtype=layer["dtype"], **more)

@@ -112,9 +112,14 @@ class PruneConfig:
     device: str = "cpu"
     dtype: str | None = None
     attention: object = None  # None, or a `sparsify.attention.double_sparsity.DoubleSparsityConfig` (or its dict)
+    preset: str | None = None  # `sparsify.presets`: sets method (and its options) to the preset's choice
 
     def __post_init__(self):
         self.scheme = Scheme.parse(self.scheme)
+        if self.preset is not None:
+            from sparsify.presets import resolve
+
+            self.method, self.method_args = resolve(self.preset, self.method_args)
         if isinstance(self.attention, dict):
             from sparsify.attention.double_sparsity import DoubleSparsityConfig
 

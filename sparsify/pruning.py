@@ -32,6 +32,16 @@ class LayerStep:
         self.method_cfg = method_config(self.pruner, self.plan.method_args)
         self.spec = QuantSpec.parse(self.plan.quant, self.plan.group_size)
 
+    def stack_key(self, stats) -> tuple | None:
+        """Layers with equal keys are solved as one stacked matrix (see `Pruner.rows_independent`):
+        the same statistics object, method, options and a row-wise pattern, no quantization."""
+        p = self.plan
+        kind = p.parsed_scheme.kind
+        if not self.pruner.rows_independent or self.spec is not None or stats is None or \
+                not (kind == "nm" or (kind == "unstructured" and p.per == "row")):
+            return None
+        return id(stats), p.method, p.scheme, p.sparsity, repr(self.method_cfg)
+
     def _prune(self, weight, stats, **kw):
         p = self.plan
         return self.pruner.prune(weight, stats, p.parsed_scheme, p.sparsity, p.per, self.method_cfg, **kw)
@@ -84,11 +94,17 @@ def prune_model(model, planned: Planned, batches: Callable[[], list[dict]], devi
     result = PruneResult()
 
     def on_block(block_targets, stats, observed):
-        for name, module in block_targets.items():
-            new, q = steps[name](weight_of(module), stats[name])
-            set_weight(module, new)
+        stacks: dict = {}
+        for name in block_targets:
+            stacks.setdefault(steps[name].stack_key(stats[name]) or name, []).append(name)
+        for names in stacks.values():  # q/k/v and gate/up as one matrix each where the method allows
+            weights = [weight_of(block_targets[n]) for n in names]
+            new, q = steps[names[0]](weights[0] if len(names) == 1 else torch.cat(weights), stats[names[0]])
+            for name, part in zip(names, new.split([w.shape[0] for w in weights])):
+                set_weight(block_targets[name], part)
             if q is not None:
-                result.qparams[name] = q
+                result.qparams[names[0]] = q
+        for name in block_targets:
             info, warning = solver_note(name, stats[name], getattr(steps[name].method_cfg, "damp", None))
             if info is not None:
                 result.solver[name] = info

@@ -26,6 +26,7 @@ from sparsify import progress
 from sparsify.calibrate import distributed
 from sparsify.calibrate.capture import capture, hidden_of
 from sparsify.errors import UserError
+from sparsify.resources import keep_freed_memory
 
 
 def check_finite(x: torch.Tensor, where: str) -> None:
@@ -47,20 +48,29 @@ def forward_block(block: nn.Module, name: str, hidden: list[torch.Tensor], calls
     return outs
 
 
+class StatsDone(Exception):
+    """Raised by the last target's input hook: the rest of the block's forward is not needed."""
+
+
 def attach_stats(block_targets: dict[str, nn.Module], kinds: dict[str, str | None],
                  make_acc: Callable[[str, int], object]):
-    """Forward hooks that feed each target's input to an accumulator of its kind.
+    """Forward pre-hooks that feed each target's input to an accumulator of its kind.
 
     Targets that read the same tensor and need the same kind (q/k/v, gate/up) share one accumulator,
-    found by identity during the first forward. Returns ({name: accumulator}, hook handles, seen).
+    found by identity during the first forward. Each hook appends its target's name to ``order``; when
+    ``stop["after"]`` names a target, its hook raises `StatsDone` once that input is recorded, so the
+    statistics pass skips that target's product and everything after it (a Llama block's down_proj).
+    Returns ({name: accumulator}, hook handles, seen, order, stop).
     """
     owner: dict[str, object] = {}
     leaders: set[str] = set()
     seen: list[tuple[torch.Tensor, str, object]] = []  # strong refs so ids cannot be reused mid-forward
+    order: list[str] = []
+    stop: dict[str, str | None] = {"after": None}
     handles = []
 
     def make_hook(name, kind):
-        def hook(_m, inputs, _out):
+        def hook(_m, inputs):
             x = inputs[0]
             if name not in owner:
                 acc = next((a for t, k, a in seen if t is x and k == kind), None)
@@ -71,23 +81,42 @@ def attach_stats(block_targets: dict[str, nn.Module], kinds: dict[str, str | Non
                 owner[name] = acc
             if name in leaders:
                 owner[name].add_batch(x.detach())
+            order.append(name)
+            if name == stop["after"]:
+                raise StatsDone
         return hook
 
     for name, module in block_targets.items():
         if kinds.get(name) is not None:
-            handles.append(module.register_forward_hook(make_hook(name, kinds[name])))
-    return owner, handles, seen
+            handles.append(module.register_forward_pre_hook(make_hook(name, kinds[name])))
+    return owner, handles, seen, order, stop
+
+
+def last_single_call(order: list[str]) -> str | None:
+    """The target to stop after, from one whole forward's call order: the last one, if every target
+    ran exactly once (a target called twice, e.g. a shared layer, needs the whole forward)."""
+    return order[-1] if order and len(set(order)) == len(order) else None
 
 
 def statistics(block: nn.Module, name: str, block_targets: dict[str, nn.Module], kinds: dict[str, str | None],
-               make_acc, observers: dict[str, Callable], hidden: list[torch.Tensor], calls: list, device,
-               store) -> tuple[dict[str, object], dict[str, object]]:
-    """One block's statistics pass: ({target: its accumulator or None}, {observer name: what it saw})."""
-    owner, handles, seen = attach_stats(block_targets, kinds, make_acc)
+               make_acc, observers: dict[str, Callable], hidden: list[torch.Tensor], calls: list,
+               device) -> tuple[dict[str, object], dict[str, object]]:
+    """One block's statistics pass: ({target: its accumulator or None}, {observer name: what it saw}).
+
+    The first batch runs the whole block and shows the order of the targets; later batches stop
+    after the last target's input (`StatsDone`) unless observers watch the block.
+    """
+    owner, handles, seen, order, stop = attach_stats(block_targets, kinds, make_acc)
     try:
-        with ExitStack() as stack:
+        with ExitStack() as stack, torch.inference_mode():
             observed = {k: stack.enter_context(f(block)) for k, f in observers.items()}
-            forward_block(block, name, hidden, calls, device, store, keep=False)
+            for j, (x, call) in enumerate(zip(hidden, calls)):
+                try:
+                    call(block, x, device)
+                except StatsDone:
+                    pass
+                if j == 0 and not observers:
+                    stop["after"] = last_single_call(order)
     finally:
         for h in handles:
             h.remove()
@@ -116,6 +145,8 @@ def run(model: nn.Module, blocks: list[tuple[str, nn.ModuleList]], targets: dict
     observers = observers or {}
     needs_data = bool(batches) and (observers or any(k is not None for k in kinds.values()))
     batches = distributed.shard(batches) if needs_data else batches
+    if needs_data:
+        keep_freed_memory()  # every batch allocates the same activation buffers again
     store = "cpu" if offload else device
     use_cache = getattr(model.config, "use_cache", None)
     if use_cache is not None:
@@ -137,7 +168,7 @@ def run(model: nn.Module, blocks: list[tuple[str, nn.ModuleList]], targets: dict
                     if stats_needed:
                         with distributed.agreed():
                             stats, observed = statistics(block, name, block_targets, kinds, make_acc, observers,
-                                                         hidden, calls[i], device, store)
+                                                         hidden, calls[i], device)
                         distributed.reduce_stats({"targets": stats, "observed": observed})
                     with distributed.agreed():
                         on_block(block_targets, stats, observed)

@@ -44,45 +44,69 @@ class ColumnNorm:
         return (self.sumsq / max(1, self.tokens)).sqrt()  # (in,)
 
 
-class Hessian:
-    """SparseGPT's H = (2/n) sum_t x_t x_t^T as a running average, and its damped inverse factor.
+def add_gram_upper_(S: torch.Tensor, x: torch.Tensor, width: int | None = None) -> None:
+    """S += the upper triangle of x^T x, in bands of ``width`` rows: no band computes the blocks left of
+    its diagonal, about 0.6x the work of the full product. Default width: 128 up to 1024 inputs, 256
+    above (the faster of 96-512 at 576 and 1536 inputs, 4096 tokens, measured on 2 cores).
 
-    ``factor(damp)`` is memoised per damping value, so layers that read the same input (q/k/v,
-    gate/up) share one accumulator and one factorisation. Callers must not mutate the results.
+    S (in, in) keeps whatever its lower triangle held; only ``S.triu()`` is meaningful.
+    """
+    n = x.shape[1]
+    width = width or (128 if n <= 1024 else 256)
+    for i0 in range(0, n, width):
+        i1 = min(i0 + width, n)
+        S[i0:i1, i0:].addmm_(x[:, i0:i1].T, x[:, i0:])  # (band, in - i0)
+
+
+class Hessian:
+    """SparseGPT's H = (2/n) sum_t x_t x_t^T over n tokens, and its damped inverse factor.
+
+    Accumulates the raw sum's upper triangle (`add_gram_upper_`); ``H`` symmetrises and scales it
+    when read. ``factor(damp)`` is memoised per damping value, so layers that read the same input
+    (q/k/v, gate/up) share one accumulator and one factorisation. Callers must not mutate the results.
     """
 
     def __init__(self, in_features: int, device=None):
-        self.H = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.sum = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)  # (in, in) upper
         self.tokens = 0
+        self._H: torch.Tensor | None = None
         self._factors: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
         self.damp_used: float | None = None
         self.fallback = False
 
-    def add_batch(self, x: torch.Tensor) -> None:
-        x = _tokens(x, self.H.shape[0]).to(self.H.device)  # (tokens, in)
-        if x.shape[0] == 0:
-            return
-        total = self.tokens + x.shape[0]
-        self.H *= self.tokens / total
-        x = x * (2.0 / total) ** 0.5
-        self.H += x.T @ x  # (in, in)
-        self.tokens = total
+    @property
+    def H(self) -> torch.Tensor:
+        if self._H is None:
+            upper = self.sum.triu()  # (in, in)
+            self._H = (upper + upper.triu(1).T) * (2.0 / max(1, self.tokens))
+        return self._H
+
+    @H.setter
+    def H(self, value: torch.Tensor) -> None:
+        self._H = value
         self._factors.clear()
+
+    def _changed(self) -> None:
+        self._H = None
+        self._factors.clear()
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        x = _tokens(x, self.sum.shape[0]).to(self.sum.device)  # (tokens, in)
+        add_gram_upper_(self.sum, x)
+        self.tokens += x.shape[0]
+        self._changed()
 
     def merge(self, other: Hessian) -> None:
-        total = self.tokens + other.tokens
-        self.H = (self.H * self.tokens + other.H.to(self.H.device) * other.tokens) / max(1, total)
-        self.tokens = total
-        self._factors.clear()
+        self.sum += other.sum.triu().to(self.sum.device)
+        self.tokens += other.tokens
+        self._changed()
 
     def reduce(self, all_reduce) -> None:
-        """Every process's running average, weighted by its tokens, into the average over all tokens."""
-        total = int(all_reduce(torch.tensor(self.tokens, dtype=torch.int64), "sum"))
-        self.H *= self.tokens  # (in, in) = 2 sum_t x_t x_t^T of this process's tokens
-        all_reduce(self.H, "sum")
-        self.H /= max(1, total)
-        self.tokens = total
-        self._factors.clear()
+        """Sum the raw sums and token counts of every process."""
+        self.sum.triu_()  # (in, in) what lies below the diagonal is not part of the sum
+        all_reduce(self.sum, "sum")
+        self.tokens = int(all_reduce(torch.tensor(self.tokens, dtype=torch.int64), "sum"))
+        self._changed()
 
     def factor(self, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
         """(U, dead): U upper Cholesky factor of (H + damping)^-1, dead the inputs that never fired.
@@ -91,18 +115,19 @@ class Hessian:
         identity (plain magnitude-order pruning, no update) instead of crashing.
         """
         if damp not in self._factors:
-            H = self.H.clone()
+            H = self.H.clone()  # (in, in)
             dead = torch.diag(H) == 0  # (in,)
             H[dead, dead] = 1.0
             eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
             mean_diag = torch.diag(H).mean()
             U, d = None, damp
             for _ in range(5):
-                L, info = torch.linalg.cholesky_ex(H + d * mean_diag * eye)
+                # With J the order reversal and L the lower Cholesky factor of J Hd J, U = J L^-1 J is
+                # upper and U^T U = Hd^-1: one factorisation and one triangular inverse.
+                L, info = torch.linalg.cholesky_ex((H + d * mean_diag * eye).flip(0, 1))
                 if int(info) == 0 and torch.isfinite(L).all():
-                    Hinv = torch.cholesky_inverse(L)
-                    U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-                    if int(info) == 0 and torch.isfinite(U).all():
+                    U = torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1)  # (in, in) upper
+                    if torch.isfinite(U).all():
                         break
                     U = None
                 d *= 10
@@ -110,6 +135,20 @@ class Hessian:
             self.damp_used = None if U is None else d
             self._factors[damp] = (eye if U is None else U, dead)
         return self._factors[damp]
+
+    def normalized_inverse(self, damp: float, rho: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(n, A, inv) for ADMM: n = sqrt(diag H) (0 for inputs that never fired), A = H scaled to a unit
+        diagonal (n_i = 0: a unit row) plus ``damp`` I, inv = (A + rho I)^-1. Memoised like `factor`."""
+        key = ("admm", damp, rho)
+        if key not in self._factors:
+            H = self.H  # (in, in)
+            n = torch.diag(H).clamp(min=0).sqrt()  # (in,)
+            safe = torch.where(n > 0, n, torch.ones_like(n))
+            A = H / safe[:, None] / safe[None, :]  # (in, in)
+            A.diagonal().copy_(torch.where(n > 0, A.diagonal(), torch.ones_like(n)) + damp)
+            L = torch.linalg.cholesky(A + rho * torch.eye(A.shape[0], dtype=A.dtype, device=A.device))
+            self._factors[key] = (n, A, torch.cholesky_inverse(L))
+        return self._factors[key]
 
 
 ACCUMULATORS["colnorm"] = ColumnNorm

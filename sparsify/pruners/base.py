@@ -25,3 +25,5 @@ class Pruner:
     summary: str = ""
     joint_quant: bool = False  # prune() takes ``quantize=`` and quantizes inside its own loop (SparseGPT)
     keeps_weights: bool = False  # the weights stay as they are (``none``): its layers are copied, not packed
+    rows_independent: bool = False  # with per-row or N:M masks each output row is solved on its own, so layers
+    # that share the statistics may be stacked into one matrix and solved in one call (SparseGPT: one column loop)

@@ -34,6 +34,7 @@ from sparsify.tables import PRUNERS
 class SparseGPTConfig:
     damp: float = 0.01  # fraction of mean(diag H) added to the diagonal before inverting
     blocksize: int = 128  # columns per lazy-update block
+    groupsize: int = 8  # columns per inner lazy-update group (N:M uses M): fewer, larger updates
 
 
 def _unstructured_block(score, i1, i2, sparsity, per):
@@ -44,6 +45,23 @@ def _unstructured_block(score, i1, i2, sparsity, per):
         return ~drop_lowest(score.T, k).T  # (cols, out)
     k = int(out * i2 * sparsity) - int(out * i1 * sparsity)
     return ~drop_lowest(score.reshape(-1), k).view(cols, out)
+
+
+def _group(Wb, Ub, Pb, Err, g1, g2, quantize) -> None:
+    """Columns [g1, g2) of a block one by one: each column's error (w - q) / U_cc updates only the
+    group's later columns here; the caller applies the group's errors to the rest in one matmul."""
+    if quantize is None:  # q = w where kept, so err = w * pruned / U_cc and the kept values stand as they are
+        scale = Pb[g1:g2] / torch.diagonal(Ub)[g1:g2, None]  # (g, out)
+    for i in range(g1, g2):
+        w = Wb[i]  # (out,)
+        if quantize is None:
+            torch.mul(w, scale[i - g1], out=Err[i])
+        else:
+            q = torch.where(Pb[i], 0.0, quantize(torch.where(Pb[i], 0.0, w), i))  # pruned rows stay exactly zero
+            torch.div(w - q, Ub[i, i], out=Err[i])
+            Wb[i] = q
+        if i + 1 < g2:
+            Wb[i + 1:g2].addr_(Ub[i, i + 1:g2], Err[i], alpha=-1)  # (g2-i-1, out)
 
 
 def prune(weight: torch.Tensor, stats, scheme, sparsity: float, per: str, config: SparseGPTConfig,
@@ -73,28 +91,26 @@ def prune(weight: torch.Tensor, stats, scheme, sparsity: float, per: str, config
     if scheme.kind == "block":
         score = (Wt.T / d[None, :]).pow(2)  # (out, in)
         prune_t = ~block_mask(score, scheme.block, sparsity).T.contiguous()
-    bs = config.blocksize if scheme.kind != "nm" else -(-config.blocksize // scheme.m) * scheme.m
+    step = scheme.m if scheme.kind == "nm" else config.groupsize
+    bs = config.blocksize if scheme.kind != "nm" else -(-config.blocksize // step) * step  # no N:M group straddles
     for i1 in range(0, inp, bs):
         i2 = min(i1 + bs, inp)
         Wb, Ub, Pb = Wt[i1:i2], U[i1:i2, i1:i2], prune_t[i1:i2]  # views: (cols, out), (cols, cols), (cols, out)
         if scheme.kind == "unstructured":
             Pb.copy_(_unstructured_block((Wb / d[i1:i2, None]).pow(2), i1, i2, sparsity, per))
         Err = torch.empty_like(Wb)  # (cols, out)
-        for i in range(i2 - i1):
-            if scheme.kind == "nm" and i % scheme.m == 0:
-                score = (Wb[i:i + scheme.m] / d[i1 + i:i1 + i + scheme.m, None]).pow(2)  # (m, out)
-                Pb[i:i + scheme.m] = ~nm_mask(score.T, scheme.n, scheme.m).T
-            w = Wb[i]  # (out,)
-            q = torch.where(Pb[i], 0.0, w)
-            if quantize is not None:
-                q = torch.where(Pb[i], 0.0, quantize(q, i1 + i))  # pruned rows stay exactly zero
-            Err[i] = (w - q) / Ub[i, i]  # (out,)
-            Wb[i + 1:].addr_(Ub[i, i + 1:], Err[i], alpha=-1)  # (cols-i-1, out)
-            Wb[i] = q
+        for g1 in range(0, i2 - i1, step):
+            g2 = min(g1 + step, i2 - i1)
+            if scheme.kind == "nm":
+                score = (Wb[g1:g2] / d[i1 + g1:i1 + g2, None]).pow(2)  # (m, out)
+                Pb[g1:g2] = ~nm_mask(score.T, scheme.n, scheme.m).T
+            _group(Wb, Ub, Pb, Err, g1, g2, None if quantize is None else lambda q, c: quantize(q, i1 + c))
+            Wb[g2:].addmm_(Ub[g1:g2, g2:].T, Err[g1:g2], alpha=-1)  # lazy update of the block's later columns
         Wt[i2:].addmm_(U[i1:i2, i2:].T, Err, alpha=-1)  # lazy update of all later columns
     W = torch.where(prune_t, 0.0, Wt).T.to(weight.dtype)  # (out, in)
     return torch.where(W == 0, 0.0, W).contiguous()  # +0.0 only, also where a kept value underflowed
 
 
 PRUNERS["sparsegpt"] = Pruner("sparsegpt", SparseGPTConfig, "hessian", prune,
-                              "OBS updates with the inverse Hessian", joint_quant=True)
+                              "OBS updates with the inverse Hessian", joint_quant=True,
+                                  rows_independent=True)

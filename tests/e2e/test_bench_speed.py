@@ -42,3 +42,37 @@ def test_cpu_kernels_script_quick(tmp_path):
     r = json.loads(out.read_text())
     assert {"cpu-nm24|nm|int8|float32", "cpu-csr|bitmask|float@0.05|float32"} <= set(r["crossover_tokens"])
     assert all(row["ms"]["dense"] > 0 for row in r["rows"])
+
+
+FAKE_OFFICIAL = '''
+import torch
+
+
+def get_loaders(*a, **k):
+    raise AssertionError("the bench replaces get_loaders with sparsify's calibration batches")
+
+
+def prune_wanda(args, model, tokenizer, device, prune_n=0, prune_m=0):
+    """Stands in for the official code: magnitude N:M on every Linear of the decoder layers."""
+    assert len(get_loaders()[0]) == args.nsamples
+    for layer in model.model.layers:
+        for lin in (m for m in layer.modules() if isinstance(m, torch.nn.Linear)):
+            w = lin.weight.data.view(lin.out_features, -1, prune_m)  # (out, in/m, m)
+            drop = w.abs().argsort(-1)[..., :prune_m - prune_n]
+            w.scatter_(-1, drop, 0.0)
+'''
+
+
+def test_prune_speed_script_with_a_stand_in_official_repo(tmp_path):
+    repo = tmp_path / "official"
+    (repo / "lib").mkdir(parents=True)
+    (repo / "lib" / "prune.py").write_text(FAKE_OFFICIAL)
+    model = make_tiny("llama", tmp_path / "llama")
+    out = tmp_path / "prune_speed.json"
+    _run(ROOT / "bench" / "prune_speed.py", "--repo", repo, "--model", model, "--configs", "wanda:2:4",
+         "--samples", "2", "--seq-len", "16", "--windows", "2", "--out", out)
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["config"] == "wanda 2:4" and row["target"] == 0.9 and row["met"] == (row["ratio"] <= 0.9)
+    assert row["official_s"] >= 0 and row["sparsify_s"] > 0
+    assert row["official_perplexity"] > 1 and row["sparsify_perplexity"] > 1
+    assert len(row["runs"]["official"]) == len(row["runs"]["sparsify"]) == 1

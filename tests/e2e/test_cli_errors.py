@@ -102,6 +102,10 @@ CASES = {
     "float64 on a bare file": (bare_copy, ["--dtype", "float64"], ["float32, float16, bfloat16"]),
     "cuda without a GPU, bare file": (bare_copy, ["--device", "cuda"], ["--device cpu"]),
     "unknown device": (lambda l, t: l, ["--device", "gpu"], ["cpu, cuda"]),
+    # issue 14: presets
+    "unknown preset": (lambda l, t: l, ["--preset", "quick"], ["fast, best"]),
+    "preset and another method": (lambda l, t: l, ["--preset", "best", "--method", "wanda"],
+                                  ["--preset best chooses --method admm", "drop --method wanda"]),
 }
 
 

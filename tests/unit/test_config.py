@@ -60,3 +60,16 @@ def test_options_that_would_do_nothing_are_refused():
     assert PruneConfig(quant="int4", group_size=0).group_size == 0
     with pytest.raises(UserError, match="float32, float16, bfloat16"):
         PruneConfig(dtype="float64")
+
+
+def test_presets_set_the_concrete_method_and_keep_the_users_options():
+    from sparsify.presets import PRESETS
+
+    best = PruneConfig(preset="best", scheme="2:4")
+    assert best.method == PRESETS["best"]["method"] and best.to_json()["preset"] == "best"
+    assert PruneConfig(preset="fast").method == "wanda"
+    tuned = PruneConfig(preset="best", method_args={"iters": 7})
+    assert tuned.method_args["iters"] == 7
+    assert PruneConfig(**{**tuned.to_json(), "scheme": "unstructured", "calib": tuned.calib}).method == best.method
+    with pytest.raises(UserError, match="--preset 'quick': use one of fast, best"):
+        PruneConfig(preset="quick")

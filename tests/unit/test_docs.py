@@ -9,7 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")  # [text](target)
-METHOD_PAGES = ("magnitude", "wanda", "sparsegpt", "owl", "quantization", "distillation", "double_sparsity")
+METHOD_PAGES = ("magnitude", "wanda", "sparsegpt", "admm", "owl", "quantization", "distillation", "double_sparsity")
 
 
 def relative_links(page: Path) -> list[str]:

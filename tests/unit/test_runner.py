@@ -7,7 +7,7 @@ from torch import nn
 
 from sparsify import registry
 from sparsify.calibrate import runner
-from sparsify.calibrate.capture import capture
+from sparsify.calibrate.capture import Call, capture
 from sparsify.calibrate.stats import ColumnNorm, Hessian
 from sparsify.errors import UserError
 from sparsify.models.layout import find_blocks, find_targets
@@ -153,3 +153,56 @@ def test_qk_observer_matches_rotary_queries_and_keys():
     stats = observed[f"model.layers.{layer}"]
     assert stats.tokens == tokens
     torch.testing.assert_close(stats.means()["qk"], qk / (tokens * 2), rtol=1e-4, atol=1e-6)
+
+
+def test_statistics_pass_stops_after_the_last_target_yet_sees_every_batch():
+    """From the second batch on, the pass stops at down_proj's input: its product never runs, and every
+    Hessian still equals one accumulated from whole-model forwards."""
+    model = _llama()
+    batches = _batches(n=3)
+    targets = _targets(model)
+    kinds = {n: "hessian" for mods in targets.values() for n in mods}
+    got, ran = {}, []
+    down = model.model.layers[1].mlp.down_proj
+    handle = down.register_forward_hook(lambda *_: ran.append(1))
+    runner.run(model, find_blocks(model), targets, batches, kinds, _make_acc, lambda t, s, o: got.update(s))
+    handle.remove()
+    assert len(ran) == 1 + len(batches)  # statistics: batch 0 only; then the output pass: every batch
+    refs = {n: Hessian(m.in_features) for n, m in targets["model.layers.1"].items()}
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: refs[n].add_batch(i[0]))
+             for n, m in targets["model.layers.1"].items()]
+    with torch.no_grad():
+        for b in batches:
+            model(**b)
+    for h in hooks:
+        h.remove()
+    for n, ref in refs.items():
+        assert got[n].tokens == ref.tokens == 3 * 2 * 12
+        torch.testing.assert_close(got[n].H, ref.H, rtol=1e-4, atol=1e-6)
+
+
+class _Twice(nn.Module):
+    """A block that calls its last Linear twice: the statistics pass must not stop at the first call."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.a(self.b(self.a(x)))
+
+
+def test_statistics_pass_runs_whole_forwards_when_a_target_runs_twice():
+    torch.manual_seed(0)
+    block, xs = _Twice(), [torch.randn(2, 5, 8) for _ in range(3)]
+    calls = [Call(True, (), {})] * 3
+    targets = {"a": block.a, "b": block.b}
+    stats, _ = runner.statistics(block, "blk", targets, {"a": "colnorm", "b": "colnorm"}, _make_acc, {}, xs, calls,
+                                 "cpu")
+    with torch.no_grad():
+        inner = [block.a(x) for x in xs]
+        ref_b = torch.cat([h.reshape(-1, 8) for h in inner])
+        ref_a = torch.cat([torch.cat([x, block.b(h)]).reshape(-1, 8) for x, h in zip(xs, inner)])
+    assert stats["a"].tokens == ref_a.shape[0] and stats["b"].tokens == ref_b.shape[0]
+    torch.testing.assert_close(stats["a"].sumsq, (ref_a ** 2).sum(0))
+    torch.testing.assert_close(stats["b"].sumsq, (ref_b ** 2).sum(0))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparsify.calibrate.stats import ColumnNorm, Hessian
+from sparsify.calibrate.stats import ColumnNorm, Hessian, add_gram_upper_
 from sparsify.registry import ACCUMULATORS
 
 
@@ -110,3 +110,14 @@ def test_hopeless_hessian_falls_back_to_identity(poison):
     bad.H[0, 0] = {"nan": float("nan"), "inf": float("inf"), "negative": -1e12}[poison]
     U, _ = bad.factor(0.01)
     assert bad.fallback and bad.damp_used is None and torch.equal(U, torch.eye(4))
+
+
+@pytest.mark.parametrize("n,width", [(1, 256), (7, 3), (257, 256), (600, 256), (64, 64), (300, None), (1100, None)])
+def test_banded_upper_gram_equals_the_full_product(n, width):
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(33, n, generator=g)
+    S = torch.zeros(n, n)
+    add_gram_upper_(S, x, width)
+    add_gram_upper_(S, x, width)
+    ref = 2 * (x.double().T @ x.double())
+    torch.testing.assert_close(S.triu().double(), ref.triu(), rtol=1e-5, atol=1e-4)

@@ -57,6 +57,8 @@ def prune(
     batch_size: int = typer.Option(8, help="Calibration samples per forward."),
     device: str = typer.Option("auto", help="cpu, cuda, or auto (cuda when present)."),
     overwrite: bool = typer.Option(False, help="Replace an existing artifact at -o."),
+    max_memory: Optional[str] = typer.Option(None, help="Stream the checkpoint block by block, holding at most this much (e.g. 4GB, 512MiB) besides the interpreter: plans and prints the peak first; docs/scale.md."),
+    activations: str = typer.Option("auto", help="Calibration activations: memory | disk (one file per batch beside -o, one batch in memory) | auto (disk when --max-memory cannot hold them)."),
     attention: Optional[str] = typer.Option(None, help="double-sparsity: also calibrate sparse decode attention (causal LMs; composes with any --method, including none). docs/double_sparsity.md"),
     ds_channels: Optional[str] = typer.Option(None, help="double-sparsity: label channels per kv head, a fraction of the head size (default 1/4) or a count."),
     ds_tokens: Optional[str] = typer.Option(None, help="double-sparsity: tokens each query attends to, sink and recent included: a count (default 128) or a fraction of its context (1/16)."),
@@ -83,7 +85,7 @@ def prune(
                                                                 group=group, score=score, score_samples=score_samples,
                                                                 per_tower=per_tower or None),
         calib=CalibConfig(source=calib, samples=samples, seq_len=seq_len, seed=seed, batch_size=batch_size),
-        device=device_name(device),
+        device=device_name(device), max_memory=max_memory, activations=activations,
         attention=attention_config(attention, channels=ds_channels, tokens=ds_tokens, label_bits=ds_label_bits,
                                    label_scale=ds_label_scale, statistic=ds_statistic, sink=ds_sink, recent=ds_recent, select=ds_select,
                                    dense_layers=ds_dense_layers, seed=seed))
@@ -127,6 +129,7 @@ def eval_(
     batch_size: int = typer.Option(4, help="Windows per forward."),
     trials: int = typer.Option(20, help="--task passkey: seeded trials."),
     device: str = typer.Option("auto", help="cpu, cuda, or auto."),
+    max_memory: Optional[str] = typer.Option(None, help="Hold the artifact under this size (e.g. 4GB), the rest offloaded to disk and read per forward by accelerate; CPU, no baseline. docs/scale.md."),
     report: Optional[str] = typer.Option(None, help="Directory for eval.json and a sparsity-per-layer PNG."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ):
@@ -140,7 +143,7 @@ def eval_(
         check_report(report)  # before minutes of evaluation, not after
     result = evaluate(model, task=task, data=data, baseline=baseline, seq_len=seq_len, max_windows=windows,
                       batch_size=batch_size, device=device_name(device), auto_baseline=not no_baseline,
-                      template=template, trials=trials)
+                      template=template, trials=trials, max_memory=max_memory)
     if report:
         from sparsify.eval.report import write_report
 
@@ -256,7 +259,27 @@ def models_install(name: str = typer.Argument(..., help="Alias to install, e.g. 
 
 
 def main() -> None:
-    app()
+    import os
+
+    if os.environ.get("WORLD_SIZE", "1") == "1":
+        app()
+        return
+    # Under torchrun: torch's C++ static destructors sometimes abort a process at interpreter exit
+    # after a clean run ("terminate called without an active exception", no Python frame; about 1 run
+    # in 10 here with gloo, torch 2.13). The process group is destroyed and the artifact written and
+    # renamed by then: flush and leave without them, with the command's exit code.
+    import sys
+
+    code = 0
+    try:
+        app()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

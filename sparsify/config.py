@@ -68,6 +68,18 @@ def check_sparsity(sparsity: float) -> float:
     return float(sparsity)
 
 
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 1024, "m": 1e6, "mb": 1e6, "mib": 1 << 20,
+          "g": 1e9, "gb": 1e9, "gib": 1 << 30, "t": 1e12, "tb": 1e12, "tib": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """'1GB', '512MiB', '1.5g', '1000000' -> bytes; UserError naming the form otherwise."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS or float(m.group(1)) <= 0:
+        raise UserError(f"--max-memory {text!r}: pass a size such as 2GB, 512MiB or 1.5GiB")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
 @dataclass
 class CalibConfig:
     """Where calibration data comes from and how much of it. ``source`` is a path or ``builtin``."""
@@ -82,6 +94,7 @@ class CalibConfig:
 DISTILL_MODES = ("auto", "end-to-end", "block-wise")
 DTYPES = ("float32", "float16", "bfloat16")  # what --dtype may ask for (float64: no kernel, no format computes in it)
 DEFAULT_SPARSITY = 0.5
+ACTIVATIONS = ("auto", "memory", "disk")  # where calibration activations live (`sparsify.calibrate.spill`)
 
 
 @dataclass
@@ -113,6 +126,8 @@ class PruneConfig:
     dtype: str | None = None
     attention: object = None  # None, or a `sparsify.attention.double_sparsity.DoubleSparsityConfig` (or its dict)
     preset: str | None = None  # `sparsify.presets`: sets method (and its options) to the preset's choice
+    max_memory: str | None = None  # stream the checkpoint block by block under this cap (`sparsify.streaming`)
+    activations: str = "auto"  # calibration activations: memory | disk | auto (disk when --max-memory needs it)
 
     def __post_init__(self):
         self.scheme = Scheme.parse(self.scheme)
@@ -125,6 +140,10 @@ class PruneConfig:
 
             self.attention = DoubleSparsityConfig.from_json(self.attention)
         check_sparsity(self.sparsity)
+        if self.max_memory is not None:
+            parse_size(self.max_memory)
+        if self.activations not in ACTIVATIONS:
+            raise UserError(f"--activations {self.activations!r}: use {', '.join(ACTIVATIONS)}")
         if self.per not in ("row", "layer"):
             raise UserError(f"--per {self.per!r}: use 'row' or 'layer'")
         if self.distill_mode not in DISTILL_MODES:

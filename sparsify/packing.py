@@ -43,3 +43,45 @@ def totals(entries: dict[str, dict]) -> dict:
     dense = sum(e["dense_bytes"] for e in entries.values())
     return {"targets": len(entries), "numel": numel, "nnz": nnz, "sparsity": 1 - nnz / numel if numel else 0.0,
             "packed_bytes": packed, "dense_bytes": dense, "ratio": packed / max(1, dense)}
+
+
+class ModelPacker:
+    """Adds a model's tensors to an artifact's `ShardedWriter`: each compressed weight packed in its
+    plan's format (with its quantization parameters), every other tensor as it is, and a tensor that
+    shares storage with one added earlier in the same call recorded in ``tied`` instead of stored twice.
+
+    One call with the whole state dict writes an in-memory model; the streaming prune calls it once
+    per block and once for the rest (storage addresses are compared within a call only, since a freed
+    block's memory is reused by the next one; ties across blocks are refused before streaming).
+    """
+
+    def __init__(self, sink, active: dict, modules: dict):
+        self.sink, self.active, self.modules = sink, active, modules  # module -> LayerPlan / nn.Module
+        self.entries: dict[str, dict] = {}
+        self.tied: dict[str, str] = {}
+        self.written: set[str] = set()
+
+    def add(self, state: dict[str, torch.Tensor], qparams: dict) -> None:
+        from sparsify.formats import format_for
+        from sparsify.models.targets import layout_of
+
+        seen: dict[tuple, str] = {}
+        for name, tensor in state.items():
+            module = name.rpartition(".")[0]
+            key = (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype)
+            self.written.add(name)
+            if tensor.numel() and key in seen:
+                self.tied[name] = seen[key]
+                continue
+            seen[key] = name
+            if module in self.active and name.endswith(".weight"):
+                fmt, opts = format_for(self.active[module].parsed_scheme)
+                if module in qparams:
+                    opts = {**opts, "quant": qparams[module]}
+                layout = layout_of(self.modules[module])
+                weight = tensor.to("cpu").T.contiguous() if layout == "conv1d" else tensor.to("cpu")  # (out, in)
+                packed, self.entries[name] = pack_weight(module, weight, fmt, opts, layout=layout)
+                for k, t in packed.items():
+                    self.sink.add(f"{module}.{k}", t)
+            else:
+                self.sink.add(name, tensor)

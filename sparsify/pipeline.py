@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from contextlib import nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
 
 from sparsify import registry
 from sparsify.calibrate.batches import calibration_batches
+from sparsify.calibrate.spill import spill_dir
 from sparsify.config import PruneConfig
 from sparsify.errors import UserError
 from sparsify.exporters.artifact import ArtifactWriter, check_output, copy_side_files
 from sparsify.formats import format_for
-from sparsify.packing import pack_weight, totals
+from sparsify.packing import ModelPacker, totals
 from sparsify.plan import config_rules
 from sparsify.planning import Planned, build_plan, check_finite_weights, method_config
 from sparsify.resources import peak_rss_mb
@@ -58,40 +60,28 @@ def allocate(loaded, planned: Planned, config: PruneConfig, batches) -> tuple[Pl
                                                        **info}
 
 
+def active_plans(planned: Planned) -> dict:
+    return {n: planned.plans[n] for mods in planned.active.values() for n in mods}
+
+
+def finish_artifact(w, packer, loaded, manifest: dict, extra: dict | None) -> dict:
+    """The extra tensors, the side files and the manifest (with the packer's entries) of an open writer."""
+    for name, tensor in (extra or {}).items():
+        w.tensors.add(name, tensor)
+    copy_side_files(loaded.source.config_dir, w.tmp)
+    manifest.update(tensors=packer.entries, tied=packer.tied, totals=totals(packer.entries))
+    w.manifest = manifest
+    return manifest
+
+
 def write_artifact(loaded, planned: Planned, qparams: dict, out: Path, overwrite: bool, manifest: dict,
                    extra: dict | None = None) -> dict:
     """Pack each compressed weight in its plan's format, copy the rest as it is, dedupe tied tensors;
     ``extra``: more tensors by name (Double Sparsity's channel rankings)."""
-    from sparsify.models.targets import layout_of
-
-    active = {n: planned.plans[n] for mods in planned.active.values() for n in mods}
-    entries, tied, seen = {}, {}, {}
-    state = loaded.model.state_dict(keep_vars=False)
     with ArtifactWriter(out, overwrite) as w:
-        for name, tensor in state.items():
-            module = name.rpartition(".")[0]
-            key = (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype)
-            if tensor.numel() and key in seen:
-                tied[name] = seen[key]
-                continue
-            seen[key] = name
-            if module in active and name.endswith(".weight"):
-                fmt, opts = format_for(active[module].parsed_scheme)
-                if module in qparams:
-                    opts = {**opts, "quant": qparams[module]}
-                layout = layout_of(planned.modules[module])
-                weight = tensor.to("cpu").T.contiguous() if layout == "conv1d" else tensor.to("cpu")  # (out, in)
-                packed, entries[name] = pack_weight(module, weight, fmt, opts, layout=layout)
-                for k, t in packed.items():
-                    w.tensors.add(f"{module}.{k}", t)
-            else:
-                w.tensors.add(name, tensor)
-        for name, tensor in (extra or {}).items():
-            w.tensors.add(name, tensor)
-        copy_side_files(loaded.source.config_dir, w.tmp)
-        manifest.update(tensors=entries, tied=tied, totals=totals(entries))
-        w.manifest = manifest
-    return manifest
+        packer = ModelPacker(w.tensors, active_plans(planned), planned.modules)
+        packer.add(loaded.model.state_dict(keep_vars=False), qparams)
+        return finish_artifact(w, packer, loaded, manifest, extra)
 
 
 def plan_json(planned: Planned, rules, source) -> dict:
@@ -124,7 +114,7 @@ def _prune(model: str, config: PruneConfig, out: str | Path, *, overwrite: bool,
            trust_remote_code: bool, save_allocation: str | None) -> dict | None:
     from sparsify.calibrate import distributed
     from sparsify.models.load import load_model, resolve, sha256_files
-    from sparsify.pruning import prune_model
+    from sparsify.pruning import PruneResult, prune_model
     from sparsify.quant.spec import QuantSpec
 
     source = distributed.main_first(resolve, model, cache_dir=cache_dir)
@@ -149,9 +139,16 @@ def _prune(model: str, config: PruneConfig, out: str | Path, *, overwrite: bool,
             pruner = registry.get(registry.PRUNERS, config.method, "method")
             return prune_bare(source, config, pruner, method_config(pruner, config.method_args), out, overwrite)
         t0 = time.perf_counter()
-        loaded = load_model(source, dtype=config.dtype, device=config.device, trust_remote_code=trust_remote_code)
-        check_finite_weights(loaded.model)
+        stream = config.max_memory is not None
+        loaded = load_model(source, dtype=config.dtype, device=config.device, trust_remote_code=trust_remote_code,
+                            meta=stream)
         planned = build_plan(loaded.model, config, rules)
+        streamed = None
+        if stream:
+            from sparsify.streaming import prepare
+
+            streamed = prepare(loaded, planned, config)  # checks, plans, reads the rest
+        check_finite_weights(loaded.model)  # streamed: only the computed buffers; blocks are checked when read
         attention = None
         if config.attention is not None:
             from sparsify.attention.artifact import AttentionCalibration
@@ -173,37 +170,53 @@ def _prune(model: str, config: PruneConfig, out: str | Path, *, overwrite: bool,
         with distributed.agreed():
             if distributed.is_main():
                 save_rules(planned.plans, save_allocation, note=f"sparsify {config.allocation} allocation of {model}")
-    result = prune_model(loaded.model, planned, batches, device=config.device, joint_quant=config.joint_quant,
-                         observers=attention.observers if attention else None)
-    if not distributed.is_main():
-        return None  # rank 0 finishes alone: attention rankings, manifest, artifact
-    attention_section, attention_tensors = None, None
-    if attention is not None:
-        used = calibration_info(cache["batches"], config.calib)["seq_len"]
-        attention_section, attention_tensors = attention.finish(config.calib, used)
-    prune_s, calibrate_prune_s = time.perf_counter() - t0, time.perf_counter() - t1
-    distill = None
-    if config.distill_steps:
-        from sparsify.distill import distill_model
+    result = PruneResult()
+    with ArtifactWriter(out, overwrite) if stream and distributed.is_main() else nullcontext() as w:
+        residency = None
+        if stream:
+            from sparsify.streaming import BlockStreamer
 
-        flat = {n: m for mods in planned.active.values() for n, m in mods.items()}
-        distill = distill_model(loaded, flat, result.qparams, config, source, lr=config.distill_lr,
-                                mode=config.distill_mode)
-    default_method = registry.get(registry.PRUNERS, config.method, "method")
-    manifest = {
-        "sparsify_version": __version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "source": {"path": str(source.path), "alias": source.alias, "family": loaded.family.name,
-                   "model_type": loaded.config.model_type, "files": sha256_files(source)},
-        "dtype": str(loaded.dtype).removeprefix("torch."),
-        "config": {**config.to_json(),
-                   "method_args": dataclasses.asdict(method_config(default_method, config.method_args))},
-        "quant": None if spec is None else spec.to_json(),
-        "plan": plan_json(planned, rules, rules_source), "allocation": allocation,
-        "calibration": calibration_info(cache["batches"], config.calib) if "batches" in cache else None,
-        "distill": distill, "attention": attention_section, "skipped": planned.skipped, "solver": result.solver,
-        "warnings": result.warnings,
-        "timing": {"prune_s": round(prune_s, 2), "calibrate_prune_s": round(calibrate_prune_s, 2),
-                   "peak_rss_mb": round(peak_rss_mb(), 1),
-                   **({"processes": distributed.world()} if distributed.world() > 1 else {})},
-    }
+            packer = ModelPacker(w.tensors, active_plans(planned), planned.modules) if w is not None else None
+            weights, outside, head, streaming = streamed
+            residency = BlockStreamer(weights, packer, result, config.device, outside, head)
+        spilled = config.activations == "disk" or (stream and streamed[3]["activations"] == "disk")
+        with spill_dir(out) if spilled else nullcontext() as spill:
+            prune_model(loaded.model, planned, batches, device=config.device, joint_quant=config.joint_quant,
+                        observers=attention.observers if attention else None, residency=residency, result=result,
+                        spill=spill)
+        if not distributed.is_main():
+            return None  # rank 0 finishes alone: attention rankings, manifest, artifact
+        attention_section, attention_tensors = None, None
+        if attention is not None:
+            used = calibration_info(cache["batches"], config.calib)["seq_len"]
+            attention_section, attention_tensors = attention.finish(config.calib, used)
+        prune_s, calibrate_prune_s = time.perf_counter() - t0, time.perf_counter() - t1
+        distill = None
+        if config.distill_steps:
+            from sparsify.distill import distill_model
+
+            flat = {n: m for mods in planned.active.values() for n, m in mods.items()}
+            distill = distill_model(loaded, flat, result.qparams, config, source, lr=config.distill_lr,
+                                    mode=config.distill_mode)
+        default_method = registry.get(registry.PRUNERS, config.method, "method")
+        manifest = {
+            "sparsify_version": __version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "source": {"path": str(source.path), "alias": source.alias, "family": loaded.family.name,
+                       "model_type": loaded.config.model_type, "files": sha256_files(source)},
+            "dtype": str(loaded.dtype).removeprefix("torch."),
+            "config": {**config.to_json(),
+                       "method_args": dataclasses.asdict(method_config(default_method, config.method_args))},
+            "quant": None if spec is None else spec.to_json(),
+            "plan": plan_json(planned, rules, rules_source), "allocation": allocation,
+            "calibration": calibration_info(cache["batches"], config.calib) if "batches" in cache else None,
+            "distill": distill, "attention": attention_section, "skipped": planned.skipped, "solver": result.solver,
+            "warnings": result.warnings,
+            "timing": {"prune_s": round(prune_s, 2), "calibrate_prune_s": round(calibrate_prune_s, 2),
+                       "peak_rss_mb": round(peak_rss_mb(), 1),
+                       **({"processes": distributed.world()} if distributed.world() > 1 else {})},
+        }
+        if stream:
+            manifest["streaming"] = streaming
+            residency.finish()
+            return finish_artifact(w, packer, loaded, manifest, attention_tensors)
     return write_artifact(loaded, planned, result.qparams, out, overwrite, manifest, extra=attention_tensors)

@@ -101,11 +101,17 @@ def build_plan(model: nn.Module, config: PruneConfig, rules: list[dict] | None =
     return planned
 
 
-def check_finite_weights(model: nn.Module) -> None:
-    """NaN / inf anywhere in the weights: one error naming the tensor, before any work."""
+def check_finite_tensor(name: str, t: torch.Tensor) -> None:
+    """UserError naming ``name`` when the (read) tensor holds NaN / inf; meta tensors are not checked."""
+    if t.is_floating_point() and t.device.type != "meta" and not torch.isfinite(t).all():
+        raise UserError(f"tensor {name} holds NaN/inf values: the checkpoint is corrupt; fix or re-export it")
+
+
+def check_finite_weights(model: nn.Module, prefix: str = "") -> None:
+    """NaN / inf anywhere in the weights: one error naming the tensor, before any work (``prefix``:
+    the module's name in its model, for a block checked on its own)."""
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if t.is_floating_point() and t.device.type != "meta" and not torch.isfinite(t).all():
-            raise UserError(f"tensor {name} holds NaN/inf values: the checkpoint is corrupt; fix or re-export it")
+        check_finite_tensor(f"{prefix}.{name}" if prefix else name, t)
 
 
 def estimate_bytes(shape: tuple[int, int], dtype: torch.dtype, p: LayerPlan, rows: int = 16) -> int:

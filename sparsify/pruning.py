@@ -80,18 +80,22 @@ def solver_note(name: str, stats, requested: float | None) -> tuple[dict | None,
 
 
 def prune_model(model, planned: Planned, batches: Callable[[], list[dict]], device: str = "cpu", joint_quant: bool = True,
-                observers: dict | None = None, on_observed=None) -> PruneResult:
+                observers: dict | None = None, on_observed=None, residency=None,
+                result: PruneResult | None = None, spill: str | None = None) -> PruneResult:
     """Prune every active layer of ``planned`` in place; returns quant params, solver notes, warnings.
 
     Args:
         batches: returns the calibration batches; called only when some layer's method needs data.
         on_observed: ``(block_targets, observed)`` for runs that asked for ``observers``.
+        residency: streamed weights (`sparsify.streaming.BlockStreamer`), handed to the runner.
+        result: filled in place when given (the streamer packs each block with its quant params).
+        spill: a directory for the calibration activations (`calibrate.spill`); None keeps them in memory.
     """
     from sparsify.models.layout import find_blocks
 
     steps = {n: LayerStep(planned.plans[n], joint_quant) for mods in planned.active.values() for n in mods}
     kinds = {n: s.pruner.stats for n, s in steps.items()}
-    result = PruneResult()
+    result = PruneResult() if result is None else result
 
     def on_block(block_targets, stats, observed):
         stacks: dict = {}
@@ -116,5 +120,5 @@ def prune_model(model, planned: Planned, batches: Callable[[], list[dict]], devi
     needs = any(k is not None for k in kinds.values()) or bool(observers)
     make_acc = lambda kind, n: registry.ACCUMULATORS[kind](n, device=device)  # noqa: E731
     runner.run(model, find_blocks(model), planned.active, batches() if needs else [], kinds, make_acc, on_block,
-               device=device, observers=observers)
+               device=device, observers=observers, residency=residency, spill=spill)
     return result

@@ -76,14 +76,17 @@ def patched_forwards(blocks, forwards):
                 del block.forward
 
 
-def capture(model: nn.Module, layers: nn.ModuleList, batches: list[dict], device, store):
+def capture(model: nn.Module, layers: nn.ModuleList, batches: list[dict], device, store, hidden=None):
     """Run ``model`` on each batch up to the end of ``layers``.
+
+    Args:
+        hidden: where block 0's inputs go (a list, or `calibrate.spill.DiskActivations`); a new list if None.
 
     Returns:
         (hidden, calls): ``hidden[j]`` the input of block 0 for batch j (on ``store``), and
         ``calls[i][j]`` the `Call` (other arguments, on ``store``) of block i for batch j.
     """
-    hidden: list[torch.Tensor] = []
+    hidden = [] if hidden is None else hidden
     calls: list[list[Call]] = [[] for _ in layers]
     memo: dict = {}
     state: dict = {}

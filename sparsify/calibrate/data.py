@@ -57,13 +57,46 @@ def load_text(source: str, split: str = "calib") -> str:
     return text
 
 
-def _tokens(tokenizer, text: str) -> torch.Tensor:
-    """Token ids of the whole text in one call -> (N,).
+_CHUNK, _SEAM = 1 << 16, 512  # characters tokenized at a time; context checked on each side of a cut
 
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+
+
+def _safe_cut(tokenizer, text: str, lo: int, hi: int) -> int | None:
+    """A position in [lo, hi) where tokenizing the two sides apart gives the same ids as together:
+    the last newline (else space) that passes that test on ``_SEAM`` characters either side."""
+    for sep in ("\n", " "):
+        cut = text.rfind(sep, lo, hi)
+        for _ in range(4):
+            if cut <= lo:
+                break
+            left, right = text[max(0, cut - _SEAM):cut], text[cut:cut + _SEAM]
+            if _encode(tokenizer, left + right) == _encode(tokenizer, left) + _encode(tokenizer, right):
+                return cut
+            cut = text.rfind(sep, lo, cut)
+    return None
+
+
+def _tokens(tokenizer, text: str) -> torch.Tensor:
+    """Token ids of the whole text -> (N,), the same ids as one call on all of it.
+
+    A tokenizer's output for a whole corpus costs hundreds of bytes per token (offsets, token strings),
+    so a long text is tokenized ``_CHUNK`` characters at a time, cut only where the ids on both sides
+    of the cut come out as they do together; where no such cut is found the rest goes in one call.
     No special tokens (windows are cut from the middle of the stream); ``verbose=False`` silences the
     "longer than the specified maximum sequence length" warning, which is expected for a whole corpus.
     """
-    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    ids: list[int] = []
+    start = 0
+    while len(text) - start > 2 * _CHUNK:
+        cut = _safe_cut(tokenizer, text, start + _CHUNK // 2, start + _CHUNK)
+        if cut is None:
+            break
+        ids += _encode(tokenizer, text[start:cut])
+        start = cut
+    ids += _encode(tokenizer, text[start:])
     return torch.tensor(ids, dtype=torch.long)
 
 

@@ -7,7 +7,7 @@ statistics accumulators (and with any observers attached, e.g. queries and keys 
 (2) hand the statistics to ``on_block`` (which prunes, or only records for an allocator's pass),
 (3) forward again to produce the next block's inputs from the block as ``on_block`` left it. Only
 one block's statistics exist at a time; captured activations live on CPU (``offload=True``) or on
-the compute device. Activations that turn NaN / inf stop the run with the block's name.
+the compute device, or on disk one file per batch (``spill``, `calibrate.spill`). Activations that turn NaN / inf stop the run with the block's name.
 
 Data parallel (`sparsify.calibrate.distributed`, under torchrun): each process runs its share of the
 batches; between (1) and (2) the block's accumulators and observations are all-reduced, so that
@@ -16,7 +16,7 @@ run inside ``agreed()``, so that an error on one process stops all of them there
 """
 from __future__ import annotations
 
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from typing import Callable
 
 import torch
@@ -25,20 +25,23 @@ from torch import nn
 from sparsify import progress
 from sparsify.calibrate import distributed
 from sparsify.calibrate.capture import capture, hidden_of
+from sparsify.calibrate.spill import store_factory
 from sparsify.errors import UserError
-from sparsify.resources import keep_freed_memory
+from sparsify.resources import keep_freed_memory, return_freed_memory
 
 
 def check_finite(x: torch.Tensor, where: str) -> None:
-    if not torch.isfinite(x).all():
+    """UserError when x holds NaN / inf. A float32 sum is finite whenever every value is (short of
+    an overflow in the sum itself), and costs a tenth of ``isfinite``; the exact test confirms."""
+    if not torch.isfinite(x.sum(dtype=torch.float32)) and not torch.isfinite(x).all():
         raise UserError(f"calibration activations are NaN/inf {where}: the checkpoint overflows in this dtype "
                         "or holds bad weights; try --dtype float32 or check the checkpoint")
 
 
-def forward_block(block: nn.Module, name: str, hidden: list[torch.Tensor], calls: list, device, store,
-                  keep: bool) -> list[torch.Tensor]:
-    """Run one block on every batch; returns its outputs (on ``store``) when ``keep``."""
-    outs = []
+def forward_block(block: nn.Module, name: str, hidden, calls: list, device, store, keep: bool, outs=None):
+    """Run one block on every batch; returns its outputs (on ``store``, appended to ``outs``: a new
+    list if None) when ``keep``."""
+    outs = [] if outs is None else outs
     with torch.inference_mode():
         for x, call in zip(hidden, calls):
             out = hidden_of(call(block, x, device))
@@ -128,7 +131,7 @@ def run(model: nn.Module, blocks: list[tuple[str, nn.ModuleList]], targets: dict
         batches: list[dict], kinds: dict[str, str | None], make_acc: Callable[[str, int], object] | None,
         on_block: Callable[[dict[str, nn.Module], dict[str, object], dict[str, object]], None],
         device: str = "cpu", offload: bool = True, observers: dict[str, Callable] | None = None,
-        label: str = "pruning") -> None:
+        label: str = "pruning", residency=None, spill: str | None = None) -> None:
     """Calibrate (and prune) block by block.
 
     Args:
@@ -141,13 +144,20 @@ def run(model: nn.Module, blocks: list[tuple[str, nn.ModuleList]], targets: dict
             It may change the weights in place: the next block's inputs come from the block as left.
         observers: name -> ``factory(block)``, a context manager active during the statistics pass
             whose ``as`` value is handed to ``on_block`` (see `calibrate.observers`).
+        residency: for streamed weights (`sparsify.streaming.BlockStreamer`): ``capturing(name, block)``
+            around the capture (which runs block 0), ``enter(name, block)`` before a block's statistics,
+            ``leave(name, block)`` once it is done.
+        spill: a directory: keep the activations there (`calibrate.spill.DiskActivations`), not in memory.
     """
     observers = observers or {}
     needs_data = bool(batches) and (observers or any(k is not None for k in kinds.values()))
     batches = distributed.shard(batches) if needs_data else batches
-    if needs_data:
+    if residency is not None:
+        return_freed_memory()  # streamed: freed blocks go back to the system
+    elif needs_data:
         keep_freed_memory()  # every batch allocates the same activation buffers again
-    store = "cpu" if offload else device
+    store = "cpu" if offload or spill else device
+    new_store = store_factory(spill)
     use_cache = getattr(model.config, "use_cache", None)
     if use_cache is not None:
         model.config.use_cache = False
@@ -157,12 +167,16 @@ def run(model: nn.Module, blocks: list[tuple[str, nn.ModuleList]], targets: dict
             hidden, calls = None, None
             with distributed.agreed():
                 if needs_data:
-                    hidden, calls = capture(model, layers, batches, device, store)
+                    with residency.capturing(names[0], layers[0]) if residency is not None else nullcontext():
+                        hidden, calls = capture(model, layers, batches, device, store, new_store())
                     for x in hidden:
                         check_finite(x, f"at the input of {names[0]}")
             with progress.bar(f"{label} {prefix}", total=len(layers)) as advance:
                 for i, (name, block) in enumerate(zip(names, layers)):
                     block_targets = targets.get(name, {})
+                    if residency is not None:
+                        with distributed.agreed():  # a bad tensor in one process's read stops them all
+                            residency.enter(name, block)
                     stats_needed = hidden is not None and (observers or any(kinds.get(n) for n in block_targets))
                     stats, observed = dict.fromkeys(block_targets), {}
                     if stats_needed:
@@ -174,7 +188,11 @@ def run(model: nn.Module, blocks: list[tuple[str, nn.ModuleList]], targets: dict
                         on_block(block_targets, stats, observed)
                         del stats
                         if hidden is not None and name != names[-1]:
-                            hidden = forward_block(block, name, hidden, calls[i], device, store, keep=True)
+                            done, hidden = hidden, forward_block(block, name, hidden, calls[i], device, store,
+                                                                 keep=True, outs=new_store())
+                            done.clear()
+                        if residency is not None:
+                            residency.leave(name, block)
                     advance()
     finally:
         if use_cache is not None:

@@ -77,9 +77,14 @@ class Hessian:
     @property
     def H(self) -> torch.Tensor:
         if self._H is None:
-            upper = self.sum.triu()  # (in, in)
-            self._H = (upper + upper.triu(1).T) * (2.0 / max(1, self.tokens))
+            self._H = self._symmetric()
         return self._H
+
+    def _symmetric(self) -> torch.Tensor:
+        """(in, in) the symmetrised, scaled sum, built in one new matrix plus one temporary."""
+        H = self.sum.triu()  # (in, in)
+        H.add_(self.sum.triu(1).T)
+        return H.mul_(2.0 / max(1, self.tokens))
 
     @H.setter
     def H(self, value: torch.Tensor) -> None:
@@ -115,25 +120,38 @@ class Hessian:
         identity (plain magnitude-order pruning, no update) instead of crashing.
         """
         if damp not in self._factors:
-            H = self.H.clone()  # (in, in)
-            dead = torch.diag(H) == 0  # (in,)
-            H[dead, dead] = 1.0
-            eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-            mean_diag = torch.diag(H).mean()
-            U, d = None, damp
+            H = self._H if self._H is not None else self._symmetric()  # (in, in), not kept
+            diag = torch.diag(H).clone()  # (in,)
+            dead = diag == 0
+            diag[dead] = 1.0
+            mean_diag = diag.mean()
+            L, d = None, damp
             for _ in range(5):
                 # With J the order reversal and L the lower Cholesky factor of J Hd J, U = J L^-1 J is
-                # upper and U^T U = Hd^-1: one factorisation and one triangular inverse.
-                L, info = torch.linalg.cholesky_ex((H + d * mean_diag * eye).flip(0, 1))
+                # upper and U^T U = Hd^-1: one factorisation and one triangular inverse. Each (in, in)
+                # temporary is freed as soon as it is used: at most four such matrices live at once.
+                A = H.flip(0, 1)  # (in, in) J H J, a copy
+                A.diagonal().copy_((diag + d * mean_diag).flip(0))
+                L, info = torch.linalg.cholesky_ex(A)
+                del A
                 if int(info) == 0 and torch.isfinite(L).all():
-                    U = torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1)  # (in, in) upper
-                    if torch.isfinite(U).all():
-                        break
+                    break
+                L, d = None, d * 10
+            del H
+            U = None
+            if L is not None:
+                eye = torch.eye(L.shape[0], dtype=L.dtype, device=L.device)
+                Linv = torch.linalg.solve_triangular(L, eye, upper=False)
+                del L, eye
+                U = Linv.flip(0, 1)  # (in, in) upper
+                del Linv
+                if not torch.isfinite(U).all():
                     U = None
-                d *= 10
             self.fallback = U is None
             self.damp_used = None if U is None else d
-            self._factors[damp] = (eye if U is None else U, dead)
+            if U is None:
+                U = torch.eye(self.sum.shape[0], dtype=self.sum.dtype, device=self.sum.device)
+            self._factors[damp] = (U, dead)
         return self._factors[damp]
 
     def normalized_inverse(self, damp: float, rho: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

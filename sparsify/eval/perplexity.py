@@ -48,11 +48,11 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 4, progress=None)
     total, count = 0.0, 0
     for chunk in windows.split(batch_size):
         ids = chunk.to(device=device, dtype=torch.long)  # (b, T)
-        logits = model(input_ids=ids).logits[:, :-1].float()  # (b, T-1, vocab)
-        target = ids[:, 1:]  # (b, T-1)
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum")
-        total += nll.item()
-        count += target.numel()
+        logits = model(input_ids=ids).logits  # (b, T, vocab)
+        for row, seq in zip(logits, ids):  # one window at a time: a (T-1, vocab) log-softmax, not b of them
+            total += F.cross_entropy(row[:-1].float(), seq[1:], reduction="sum").item()  # row[:-1]: (T-1, vocab)
+        count += ids[:, 1:].numel()
+        del logits
         if progress is not None:
             progress(len(chunk))
     nll = total / count

@@ -196,7 +196,7 @@ def _default_task(family: str, baseline: str | None) -> str:
 def evaluate(arg: str, *, task: str | None = None, data: str | None = None, baseline: str | None = None,
              seq_len: int = 512, max_windows: int = 32, batch_size: int = 4, device: str = "cpu",
              progress_factory=None, auto_baseline: bool = True, template: str | None = None,
-             trials: int = 20) -> dict:
+             trials: int = 20, max_memory: str | None = None) -> dict:
     """Evaluate an artifact directory or a plain model (path or alias); see the module docstring.
 
     Args:
@@ -210,6 +210,8 @@ def evaluate(arg: str, *, task: str | None = None, data: str | None = None, base
         seq_len, max_windows, batch_size: perplexity windows (non-overlapping) and windows per forward;
             ``seq_len`` is also the passkey prompt's length (answer included).
         trials: passkey prompts (``task="passkey"``).
+        max_memory: hold an artifact under this size, the rest offloaded to disk (`sparsify.runtime.offload`);
+            no baseline then (the dense model would be loaded whole).
         progress_factory: callable(description, total) -> context manager yielding advance(n);
             default: sparsify.progress.bar.
     """
@@ -222,7 +224,11 @@ def evaluate(arg: str, *, task: str | None = None, data: str | None = None, base
         raise UserError(f"--task {task!r}: choose one of {', '.join(TASKS)}")
     if seq_len < 2 or max_windows < 1 or batch_size < 1 or trials < 1:
         raise UserError("--seq-len must be at least 2, and --windows, --batch-size and --trials positive")
-    loaded, manifest = open_model(arg, device=device)
+    if max_memory is not None and baseline is not None:
+        raise UserError("--max-memory holds the evaluated artifact alone under the cap: drop --baseline "
+                        "(the dense model would be loaded whole)")
+    loaded, manifest = open_model(arg, device=device, max_memory=max_memory, forward_tokens=batch_size * seq_len)
+    auto_baseline = auto_baseline and max_memory is None
     family = loaded.family.name
     source = "argument" if baseline else "manifest"
     if baseline is None and auto_baseline and family in BY_FAMILY:

@@ -26,12 +26,24 @@ def tensor_stats(weights: dict[str, torch.Tensor]) -> dict[str, dict]:
 
 
 def weight_sparsity(model: torch.nn.Module, names: list[str]) -> dict[str, dict]:
-    """Per-layer sparsity of the modules ``names`` of ``model`` (Linear or packed), in the given order.
+    """Per-layer sparsity of the modules ``names`` of ``model`` (Linear or packed), in the given order;
+    a module offloaded to disk (`sparsify.runtime.offload`) is read in for its count, then dropped.
 
     Returns:
         {name: {"numel", "nnz", "sparsity"}}.
     """
-    return tensor_stats({name: _dense_weight(model.get_submodule(name)) for name in names})
+    from accelerate.utils import align_module_device  # accelerate's own onload of an offloaded module
+
+    from sparsify.resources import trim_freed_memory
+
+    out = {}
+    for name in names:
+        module = model.get_submodule(name)
+        with align_module_device(module):
+            out.update(tensor_stats({name: _dense_weight(module)}))
+        if getattr(module, "_hf_hook", None) is not None:
+            trim_freed_memory()  # offloaded: hand the layer's memory back before the next one
+    return out
 
 
 def overall(layers: dict[str, dict]) -> dict:

@@ -157,12 +157,14 @@ def _checkpoint_dtype(config) -> torch.dtype:
 
 
 def load_model(source: ModelSource, dtype: str | None = None, device: str = "cpu",
-               trust_remote_code: bool = False) -> LoadedModel:
+               trust_remote_code: bool = False, meta: bool = False) -> LoadedModel:
     """Load a resolved model with its own architecture class (else its family's auto class), in eval mode, quietly.
 
     Args:
         dtype: "float32" | "float16" | "bfloat16"; None keeps the checkpoint's own (config dtype, else float32).
         trust_remote_code: passed through to transformers; off by default (it runs code from the directory).
+        meta: build the model with its parameters on the meta device and read no weights (streaming:
+            `sparsify.models.stream.StreamedWeights` brings them in part by part); ``device`` is not applied.
     Returns:
         A `LoadedModel` with the tokenizer (text families) and image size/mean/std (image families).
     """
@@ -181,9 +183,14 @@ def load_model(source: ModelSource, dtype: str | None = None, device: str = "cpu
     config = AutoConfig.from_pretrained(source.config_dir, trust_remote_code=trust_remote_code)
     family = family_of(config)
     torch_dtype = getattr(torch, dtype) if dtype else _checkpoint_dtype(config)
-    cls = getattr(transformers, family.auto_class)
-    model = cls.from_pretrained(source.config_dir, dtype=torch_dtype, use_safetensors=True,
-                                trust_remote_code=trust_remote_code)
-    model.eval().to(device)
+    if meta:
+        from sparsify.runtime.meta import build_on_meta
+
+        model = build_on_meta(config, family.auto_class, torch_dtype, trust_remote_code).eval()
+    else:
+        cls = getattr(transformers, family.auto_class)
+        model = cls.from_pretrained(source.config_dir, dtype=torch_dtype, use_safetensors=True,
+                                    trust_remote_code=trust_remote_code)
+        model.eval().to(device)
     tokenizer, size, mean, std = preprocessing(source.config_dir, family, config, trust_remote_code)
     return LoadedModel(model, family, config, tokenizer, size, mean, std, source, torch_dtype)

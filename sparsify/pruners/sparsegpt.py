@@ -107,8 +107,8 @@ def prune(weight: torch.Tensor, stats, scheme, sparsity: float, per: str, config
             _group(Wb, Ub, Pb, Err, g1, g2, None if quantize is None else lambda q, c: quantize(q, i1 + c))
             Wb[g2:].addmm_(Ub[g1:g2, g2:].T, Err[g1:g2], alpha=-1)  # lazy update of the block's later columns
         Wt[i2:].addmm_(U[i1:i2, i2:].T, Err, alpha=-1)  # lazy update of all later columns
-    W = torch.where(prune_t, 0.0, Wt).T.to(weight.dtype)  # (out, in)
-    return torch.where(W == 0, 0.0, W).contiguous()  # +0.0 only, also where a kept value underflowed
+    W = Wt.masked_fill_(prune_t, 0.0).T.to(weight.dtype).contiguous()  # (out, in); in place: fewer copies held
+    return W.masked_fill_(W == 0, 0.0)  # +0.0 only, also where a kept value underflowed
 
 
 PRUNERS["sparsegpt"] = Pruner("sparsegpt", SparseGPTConfig, "hessian", prune,

@@ -19,12 +19,11 @@ from sparsify import registry
 from sparsify.errors import UserError
 from sparsify.exporters.artifact import MANIFEST_NAME, read_manifest
 from sparsify.exporters.safetensors_io import read_tensors
-from sparsify.runtime.meta import check_loaded, params_on_meta
+from sparsify.runtime.meta import build_on_meta, check_loaded
 from sparsify.runtime.sparse_linear import SparseLinear
 
 
 def _build_skeleton(path: Path, manifest: dict):
-    import transformers
     from transformers import AutoConfig
 
     from sparsify.models.family import family_of
@@ -32,16 +31,16 @@ def _build_skeleton(path: Path, manifest: dict):
     config = AutoConfig.from_pretrained(path)
     family = family_of(config)
     dtype = getattr(torch, manifest.get("dtype", "float32"))
-    with params_on_meta():
-        cls = getattr(transformers, family.auto_class)  # an auto class, or the checkpoint's own class
-        # from_config / _from_config build in ``dtype`` but keep float32 buffers (rotary inv_freq); .to(dtype) would not
-        build = getattr(cls, "from_config", None) or getattr(cls, "_from_config", None)
-        model = build(config, dtype=dtype) if build else cls(config).to(dtype)
-    return model, family, config, dtype
+    return build_on_meta(config, family.auto_class, dtype), family, config, dtype
 
 
-def load_artifact(path: str | Path, device: str = "cpu"):
-    """Rebuild an artifact as a `LoadedModel` whose compressed Linears are `SparseLinear`."""
+def load_artifact(path: str | Path, device: str = "cpu", max_memory: str | None = None, forward_tokens: int = 2048):
+    """Rebuild an artifact as a `LoadedModel` whose compressed Linears are `SparseLinear`.
+
+    ``max_memory`` (e.g. "4GB"): hold at most that much; what does not fit is offloaded to disk and read
+    before each forward by accelerate (`sparsify.runtime.offload`; CPU only), keeping room for the
+    activations of ``forward_tokens`` tokens at a time.
+    """
     from sparsify.models.load import LoadedModel, ModelSource, check_device, preprocessing
 
     path = Path(path)
@@ -50,9 +49,17 @@ def load_artifact(path: str | Path, device: str = "cpu"):
     if not (path / "config.json").exists():
         raise UserError(f"{path} holds pruned bare weights (no config.json), which cannot run: "
                         "use 'sparsify info' for its sizes, or prune the model directory instead")
+    if max_memory is not None and (device != "cpu" or manifest.get("attention")):
+        raise UserError("--max-memory offloads to disk on CPU only, without Double Sparsity attention: "
+                        "drop --max-memory, or use --device cpu")
     registry.load_all()
     model, family, config, dtype = _build_skeleton(path, manifest)
-    tensors = read_tensors(path)
+    if max_memory is None:
+        tensors, where = read_tensors(path), None
+    else:
+        from sparsify.runtime.offload import header_tensors
+
+        tensors, where = header_tensors(path)
     from sparsify.attention.artifact import install_from_manifest, take_calibration
 
     attention = take_calibration(manifest, tensors)  # Double Sparsity's rankings / ranges are no model tensors
@@ -67,11 +74,20 @@ def load_artifact(path: str | Path, device: str = "cpu"):
     for name, other in manifest.get("tied", {}).items():
         owner, _, attr = name.rpartition(".")
         setattr(model.get_submodule(owner), attr, model.get_parameter(other))
-    try:
-        check_loaded(model)
-    except ValueError as e:
-        raise UserError(f"{path} is incomplete ({e}): re-run 'sparsify prune'") from None
-    model.eval().to(device)
+    if where is not None:
+        from sparsify.config import parse_size
+        from sparsify.runtime.offload import dispatch
+
+        missing = [n for n, _ in model.named_parameters() if n not in where and n not in manifest.get("tied", {})]
+        if missing:
+            raise UserError(f"{path} is incomplete ({missing[0]} is not in its files): re-run 'sparsify prune'")
+        dispatch(model.eval(), where, parse_size(max_memory), forward_tokens)
+    else:
+        try:
+            check_loaded(model)
+        except ValueError as e:
+            raise UserError(f"{path} is incomplete ({e}): re-run 'sparsify prune'") from None
+        model.eval().to(device)
     if attention is not None:
         install_from_manifest(model, manifest, attention)
     source = ModelSource(path=path, kind="hf-dir", config_dir=path, weight_files=[], alias=None)
@@ -84,10 +100,14 @@ def is_artifact(arg: str | Path) -> bool:
     return (Path(arg) / MANIFEST_NAME).is_file()
 
 
-def open_model(arg: str, dtype: str | None = None, device: str = "cpu", cache_dir: str | None = None):
+def open_model(arg: str, dtype: str | None = None, device: str = "cpu", cache_dir: str | None = None,
+               max_memory: str | None = None, forward_tokens: int = 2048):
     """An artifact directory or any model argument (path or alias) -> (LoadedModel, manifest or None)."""
     if is_artifact(arg):
-        return load_artifact(arg, device=device)
+        return load_artifact(arg, device=device, max_memory=max_memory, forward_tokens=forward_tokens)
+    if max_memory is not None:
+        raise UserError(f"--max-memory offloads sparsify artifacts; {arg} is not one: prune it first (with "
+                        "--max-memory), or drop --max-memory")
     if str(arg).endswith(".onnx"):
         from sparsify.eval.onnx_model import open_onnx
 

@@ -28,6 +28,19 @@ def params_on_meta():
         nn.Module.register_parameter = original
 
 
+def build_on_meta(config, auto_class: str, dtype, trust_remote_code: bool = False):
+    """A model of ``config`` built by transformers' ``auto_class`` (or the checkpoint's own class) in
+    ``dtype``, parameters on meta, buffers computed. ``from_config`` / ``_from_config`` build in
+    ``dtype`` but keep float32 buffers (rotary inv_freq), which ``.to(dtype)`` would not."""
+    import transformers
+
+    cls = getattr(transformers, auto_class)
+    extra = {"trust_remote_code": True} if trust_remote_code and hasattr(cls, "from_config") else {}
+    with params_on_meta():
+        build = getattr(cls, "from_config", None) or getattr(cls, "_from_config", None)
+        return build(config, dtype=dtype, **extra) if build else cls(config).to(dtype)
+
+
 def meta_parameters(model: nn.Module) -> list[str]:
     return [n for n, p in model.named_parameters() if p.device.type == "meta"] + [
         n for n, b in model.named_buffers() if b.device.type == "meta"

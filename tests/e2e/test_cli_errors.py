@@ -106,6 +106,11 @@ CASES = {
     "unknown preset": (lambda l, t: l, ["--preset", "quick"], ["fast, best"]),
     "preset and another method": (lambda l, t: l, ["--preset", "best", "--method", "wanda"],
                                   ["--preset best chooses --method admm", "drop --method wanda"]),
+    # issue 15: streaming
+    "max memory not a size": (lambda l, t: l, ["--max-memory", "lots"], ["--max-memory 'lots'", "2GB"]),
+    "max memory below the plan": (lambda l, t: l, ["--max-memory", "1KB"], ["planned peak", "raise --max-memory"]),
+    "max memory with an allocator": (lambda l, t: l, ["--max-memory", "1GB", "--allocation", "owl"],
+                                     ["--allocation owl", "drop --max-memory"]),
 }
 
 

@@ -15,6 +15,8 @@ from helpers import cli_json
 from safetensors.torch import load_file
 from tiny_models import make_tiny
 
+from sparsify.exporters.safetensors_io import read_tensors
+
 PLAN = """rules:
   - {match: "*", method: wanda, scheme: "2:4"}
   - {match: "*mlp*", method: sparsegpt, scheme: unstructured, sparsity: 0.5}
@@ -63,3 +65,29 @@ def test_two_gloo_ranks_write_the_one_process_artifact(tmp_path, monkeypatch):
             assert (x - b[key]).abs().max() <= RTOL * x.abs().max(), key
         else:  # masks (meta, bitmask), Wanda, block 0's key ranges, channel rankings, untouched tensors
             assert torch.equal(x, b[key]), key
+
+
+def test_two_gloo_ranks_stream_under_max_memory(tmp_path, monkeypatch):
+    """Streaming under torchrun, activations on disk: each process reads one block at a time, rank 0
+    alone writes, and the artifact is the 1-process in-memory one (Wanda: same masks, same weights)."""
+    make_tiny("llama", tmp_path / "llama")
+    monkeypatch.chdir(tmp_path)
+    args = ["--method", "wanda", "--scheme", "2:4", "--samples", "8", "--seq-len", "32", "--batch-size", "2"]
+    proc = start(["-m", "sparsify", "prune", "llama", "-o", "two", *args, "--max-memory", "64MB",
+                  "--activations", "disk", "--json"], tmp_path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = cli_json("prune", "llama", "-o", "one", *args)
+    finally:
+        torch.set_num_threads(threads)
+    stdout, stderr = finish(proc)
+    assert proc.returncode == 0, stderr[-3000:]
+    two = json.loads(stdout)
+    assert stderr.count("streaming: planned peak") == 1 and "activations on disk" in stderr  # rank 0's line
+    assert two["timing"]["processes"] == 2 and two["streaming"]["activations"] == "disk"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["llama", "one", "two"]  # scratch gone, rank 1 wrote nothing
+    for key in ("tensors", "tied", "totals", "plan", "calibration"):
+        assert one[key] == two[key], key
+    a, b = read_tensors(tmp_path / "one"), read_tensors(tmp_path / "two")  # the streamed one is sharded
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

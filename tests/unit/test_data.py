@@ -274,3 +274,48 @@ def test_text_padding_probe(tmp_path, family, padding):
     loaded = load_model(resolve(str(make_tiny(family, tmp_path / family))))
     assert text_padding(loaded.model, loaded.tokenizer) == padding
     assert text_padding(torch.nn.Linear(2, 2), loaded.tokenizer) == "longest"  # no text tower to probe
+
+
+def _tokenizers():
+    from tiny_models import _tokenizer
+
+    from sparsify.models.load import resolve
+
+    from transformers import AutoTokenizer
+
+    return {"wordpiece": _tokenizer(), "smollm2 bpe": AutoTokenizer.from_pretrained(resolve("smollm2-135m").config_dir)}
+
+
+@pytest.mark.parametrize("name", ["wordpiece", "smollm2 bpe"])
+def test_chunked_tokenization_gives_the_ids_of_one_call(name, monkeypatch):
+    """Long texts are tokenized a chunk at a time (bounded memory): the ids must be those of one call
+    on the whole text, on the built-in corpus and on text with awkward seams (no newlines, runs of
+    spaces and newlines, words longer than the seam context)."""
+    from sparsify.calibrate import data
+
+    tok = _tokenizers()[name]
+    monkeypatch.setattr(data, "_CHUNK", 4096)  # many cuts on a short text
+    rng = np.random.default_rng(0)
+    words = ["alpha", "beta", "x" * 700, "\n\n", "  ", "naïve", "1234", "—", "end."]
+    odd = " ".join(rng.choice(words, 1500))
+    for text in (load_text("builtin", "eval")[:60_000], odd, odd.replace(" ", "")):
+        whole = torch.tensor(data._encode(tok, text), dtype=torch.long)
+        assert torch.equal(data._tokens(tok, text), whole)
+
+
+def test_chunked_tokenization_falls_back_to_one_call_without_a_safe_cut(monkeypatch):
+    """A tokenizer whose output depends on the whole text (here: a made-up one that counts every
+    character before it) admits no cut, so the text is tokenized in one call."""
+    from sparsify.calibrate import data
+
+    class Global:
+        calls = 0
+
+        def __call__(self, text, **kw):
+            Global.calls += 1
+            return {"input_ids": [len(text) + i for i in range(len(text.split()))]}
+
+    monkeypatch.setattr(data, "_CHUNK", 64)
+    text = "word " * 400
+    ids = data._tokens(Global(), text)
+    assert ids.tolist() == Global()(text)["input_ids"]

@@ -280,7 +280,7 @@ def fake_open(monkeypatch):
                                            num_attention_heads=4)).eval(), "encoder")}
     opened = []
 
-    def open_model(arg, dtype=None, device="cpu"):
+    def open_model(arg, dtype=None, device="cpu", max_memory=None, forward_tokens=None):
         opened.append(arg)
         model, family = models[arg]
         return SimpleNamespace(model=model, config=model.config, tokenizer=None,

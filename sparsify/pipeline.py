@@ -172,14 +172,14 @@ def _prune(model: str, config: PruneConfig, out: str | Path, *, overwrite: bool,
                 save_rules(planned.plans, save_allocation, note=f"sparsify {config.allocation} allocation of {model}")
     result = PruneResult()
     with ArtifactWriter(out, overwrite) if stream and distributed.is_main() else nullcontext() as w:
-        residency = None
+        residency, spilled = None, config.activations == "disk"
         if stream:
             from sparsify.streaming import BlockStreamer
 
             packer = ModelPacker(w.tensors, active_plans(planned), planned.modules) if w is not None else None
             weights, outside, head, streaming = streamed
             residency = BlockStreamer(weights, packer, result, config.device, outside, head)
-        spilled = config.activations == "disk" or (stream and streamed[3]["activations"] == "disk")
+            spilled = streaming["activations"] == "disk"  # the plan's choice (config.activations "auto")
         with spill_dir(out) if spilled else nullcontext() as spill:
             prune_model(loaded.model, planned, batches, device=config.device, joint_quant=config.joint_quant,
                         observers=attention.observers if attention else None, residency=residency, result=result,

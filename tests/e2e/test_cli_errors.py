@@ -109,6 +109,10 @@ CASES = {
     # issue 15: streaming
     "max memory not a size": (lambda l, t: l, ["--max-memory", "lots"], ["--max-memory 'lots'", "2GB"]),
     "max memory below the plan": (lambda l, t: l, ["--max-memory", "1KB"], ["planned peak", "raise --max-memory"]),
+    "activations not a place": (lambda l, t: l, ["--activations", "ssd"], ["--activations 'ssd'", "memory, disk"]),
+    "activations in memory over the cap": (lambda l, t: l, ["--max-memory", "300KB", "--activations", "memory",
+                                                          "--samples", "64", "--seq-len", "64"],
+                                           ["planned peak", "--activations disk"]),
     "max memory with an allocator": (lambda l, t: l, ["--max-memory", "1GB", "--allocation", "owl"],
                                      ["--allocation owl", "drop --max-memory"]),
 }

@@ -34,20 +34,26 @@ ARGS = ["--plan", "plan.yaml", "--attention", "double-sparsity", "--ds-statistic
 RTOL = 2.5e-4
 
 
-def test_two_gloo_ranks_write_the_one_process_artifact(tmp_path, monkeypatch):
-    make_tiny("llama", tmp_path / "llama")
-    (tmp_path / "plan.yaml").write_text(PLAN)
-    monkeypatch.chdir(tmp_path)
-    proc = start(["-m", "sparsify", "prune", "llama", "-o", "two", *ARGS, "--json"], tmp_path)
+def two_beside_one(two_args: list, one_args: list, cwd) -> tuple[dict, dict, str]:
+    """(the 1-process manifest, the 2-rank one, torchrun's stderr): ``sparsify prune TWO_ARGS`` under
+    torchrun while ``ONE_ARGS`` runs in this process on one thread, like each rank."""
+    proc = start(["-m", "sparsify", "prune", *two_args, "--json"], cwd)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        one = cli_json("prune", "llama", "-o", "one", *ARGS)
+        one = cli_json("prune", *one_args)
     finally:
         torch.set_num_threads(threads)
     stdout, stderr = finish(proc)
     assert proc.returncode == 0, stderr[-3000:]
-    two = json.loads(stdout)  # one JSON document: rank 1 printed nothing
+    return one, json.loads(stdout), stderr  # one JSON document: rank 1 printed nothing
+
+
+def test_two_gloo_ranks_write_the_one_process_artifact(tmp_path, monkeypatch):
+    make_tiny("llama", tmp_path / "llama")
+    (tmp_path / "plan.yaml").write_text(PLAN)
+    monkeypatch.chdir(tmp_path)
+    one, two, _ = two_beside_one(["llama", "-o", "two", *ARGS], ["llama", "-o", "one", *ARGS], tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["llama", "one", "plan.yaml", "two"]  # rank 1 wrote nothing
     assert two["timing"]["processes"] == 2
     for key in set(one) - {"created", "timing"}:  # plan, tensors (sparsity, bytes), calibration, attention, ...
@@ -73,17 +79,8 @@ def test_two_gloo_ranks_stream_under_max_memory(tmp_path, monkeypatch):
     make_tiny("llama", tmp_path / "llama")
     monkeypatch.chdir(tmp_path)
     args = ["--method", "wanda", "--scheme", "2:4", "--samples", "8", "--seq-len", "32", "--batch-size", "2"]
-    proc = start(["-m", "sparsify", "prune", "llama", "-o", "two", *args, "--max-memory", "64MB",
-                  "--activations", "disk", "--json"], tmp_path)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        one = cli_json("prune", "llama", "-o", "one", *args)
-    finally:
-        torch.set_num_threads(threads)
-    stdout, stderr = finish(proc)
-    assert proc.returncode == 0, stderr[-3000:]
-    two = json.loads(stdout)
+    one, two, stderr = two_beside_one(["llama", "-o", "two", *args, "--max-memory", "64MB", "--activations", "disk"],
+                                      ["llama", "-o", "one", *args], tmp_path)
     assert stderr.count("streaming: planned peak") == 1 and "activations on disk" in stderr  # rank 0's line
     assert two["timing"]["processes"] == 2 and two["streaming"]["activations"] == "disk"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["llama", "one", "two"]  # scratch gone, rank 1 wrote nothing

@@ -3,8 +3,9 @@
 Same protocol as bench/quality.py and bench/allocation.py (built-in encyclopedia text: 64 x 512
 calibration tokens, 32 x 512 held-out tokens that never overlap them, fp32 on CPU). Each variant
 ``METHOD:ALLOCATION[/FLAG=VALUE...][@TARGETS]`` (`DEFAULT_VARIANTS`: uniform, OWL and ECoFLaP with
-Wanda at every target; ECoFLaP scored on 16 sequences, and with S_max = S + 0.2, at 60% and 70%;
-uniform and ECoFLaP with SparseGPT at 60% and 70%) runs as its own `sparsify prune` process, then
+Wanda at every target; ECoFLaP scored on 32 sequences (the reference scripts' number), and with
+S_max = S + 0.2, at 60% and 70%; uniform and ECoFLaP (S_max = S + 0.1 and S + 0.2) with SparseGPT at
+60% and 70%) runs as its own `sparsify prune` process, then
 `sparsify eval`. ECoFLaP's defaults: block groups, first-order scores over every calibration
 sequence, S_max = S + 0.1. The scores do not depend on the sparsity nor on the local method: the
 first ECoFLaP run with a given number of score samples writes them to a scores file
@@ -79,8 +80,9 @@ def zeroth_order_timing(model: str, samples: int, seq_len: int, seed: int, block
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-DEFAULT_VARIANTS = ("wanda:uniform,wanda:owl,wanda:ecoflap,wanda:ecoflap/score-samples=16@0.6+0.7,"
-                    "wanda:ecoflap/max-sparsity=+0.2@0.6+0.7,sparsegpt:uniform@0.6+0.7,sparsegpt:ecoflap@0.6+0.7")
+DEFAULT_VARIANTS = ("wanda:uniform,wanda:owl,wanda:ecoflap,wanda:ecoflap/score-samples=32@0.6+0.7,"
+                    "wanda:ecoflap/max-sparsity=+0.2@0.6+0.7,sparsegpt:uniform@0.6+0.7,sparsegpt:ecoflap@0.6+0.7,"
+                    "sparsegpt:ecoflap/max-sparsity=+0.2@0.6+0.7")
 
 
 def parse_variant(text: str) -> dict:

@@ -2,10 +2,11 @@
 
 Groups of adjustable matrices (``group``: each ``matrix``, each transformer ``block`` (default), or each
 ``tower`` of a multimodal model, i.e. each list of repeated blocks) get an importance score from the
-family's own loss (`ecoflap_loss`): ``first`` order (default; real gradients, mean |G| per matrix, or
-|G * W| with ``weighted``) or ``zeroth`` order (two-sided random perturbations, forward passes only;
-`ecoflap_scores`). A group's score is the sum (or ``aggregation=mean``) of its matrices' scores; a
-zeroth-order estimate is per group already (``mean`` divides it by the group's matrix count).
+family's own loss (`ecoflap_loss`): ``first`` order (default; real gradients, |G| summed over a
+matrix's entries and averaged over the passes, or |G * W| with ``weighted``) or ``zeroth`` order
+(two-sided random perturbations, forward passes only; `ecoflap_scores`). A group's score is the sum
+of its matrices' scores (a zeroth-order estimate is per group already); ``aggregation=mean`` divides
+it by the group's weight count.
 
 `capped_fill` turns scores into per-group keep counts: the total keep K = (1 - S) N is fixed (S the
 plan's parameter-weighted sparsity over the adjustable layers); every group first keeps
@@ -39,7 +40,7 @@ class ECoFLaPConfig:
     max_sparsity: float | None = None  # per-group cap S_max (default: the target + 0.1, at most 0.99)
     group: str = "block"  # matrix | block | tower
     score: str = "first"  # first (gradients) | zeroth (perturbations, forward passes only)
-    aggregation: str = "sum"  # sum | mean of the matrices' scores in a group
+    aggregation: str = "sum"  # sum of the matrices' scores in a group | mean: that sum per weight
     score_samples: int | None = None  # calibration units scored (zeroth: most draws per group); None: all
     weighted: bool = False  # first order: |G * W| instead of |G|
     per_tower: bool = False  # allocate inside each tower with its own budget
@@ -47,7 +48,7 @@ class ECoFLaPConfig:
     rtol: float = 0.1  # zeroth order: stop a group once its standard error <= rtol * mean (0: never)
     min_samples: int = 8  # zeroth order: draws before the stop rule applies
     units_per_pass: int = 4  # zeroth order: units (each with its own direction) per batched +-eps pass
-    rows_per_pass: int = 2  # first order: calibration rows per backward pass
+    rows_per_pass: int = 1  # first order: calibration rows per backward pass (|G| is taken per pass)
     seed: int = 0
     scores_file: str | None = None  # JSON of group scores: read when it exists (same groups), else written
 
@@ -109,7 +110,7 @@ def capped_fill(numel: dict[str, int], scores: dict[str, float], keep_total: int
 
 def scores_key(config: ECoFLaPConfig) -> dict:
     """What a saved score file must match to be reused (everything that changes the scores)."""
-    keys = ("group", "score", "aggregation", "score_samples", "weighted", "eps", "rtol", "min_samples", "seed")
+    keys = ("group", "score", "aggregation", "score_samples", "weighted", "rows_per_pass", "eps", "rtol", "min_samples", "seed")
     return {k: getattr(config, k) for k in keys}
 
 
@@ -176,7 +177,7 @@ def allocate(ctx: AllocationContext, config: ECoFLaPConfig):
         scores = {g: sum(v) / max(1, len(v)) for g, v in values.items()}
         samples = {g: len(v) for g, v in values.items()}
     if config.aggregation == "mean" and saved is None:
-        scores = {g.name: scores[g.name] / len(g.modules) for g in groups}
+        scores = {g.name: scores[g.name] / numel[g.name] for g in groups}
     score_s = time.perf_counter() - t0
     if config.scores_file and saved is None:
         Path(config.scores_file).write_text(json.dumps({"key": scores_key(config), "scores": scores}, indent=1))

@@ -1,8 +1,8 @@
 """ECoFLaP importance scores per group of matrices (`sparsify.allocators.ecoflap`).
 
 First order (`first_order_scores`): real gradients of the family's loss (`ecoflap_loss`) with respect
-to the adjustable weights, summed over the calibration units (as back-propagating each unit's loss and
-letting ``.grad`` accumulate does); a matrix scores the mean over its entries of |G| (or |G * W|).
+to the adjustable weights, one backward pass per calibration row (or unit); a matrix scores the sum
+over its entries of |G| (or |G * W|), averaged over the passes (the reference's GradOnly score).
 Only the adjustable weights take gradients; everything else is frozen for the pass and restored.
 
 Zeroth order: for one group and one calibration unit u, draw a Gaussian direction z over all of the
@@ -232,15 +232,21 @@ def naive_zeroth_order_scores(model: nn.Module, groups: list[Group], objective: 
 
 
 def first_order_scores(model: nn.Module, modules: dict[str, nn.Module], objective: Objective, batches: list[dict],
-                       samples: int | None = None, weighted: bool = False, rows_per_pass: int = 2,
+                       samples: int | None = None, weighted: bool = False, rows_per_pass: int = 1,
                        device="cpu") -> dict[str, float]:
-    """{matrix: mean over its entries of |G| (or |G * W|)}, G the loss gradient summed over the units used."""
+    """{matrix: mean over the backward passes of the sum over its entries of |G| (or |G * W|)}.
+
+    G is one pass's gradient (``rows_per_pass`` calibration rows, or one unit); the |.| is taken per
+    pass before averaging, as ECoFLaP's GradOnly score does per batch, so gradients that change sign
+    from sample to sample add up instead of cancelling.
+    """
     units = units_of(objective, batches)
     refs = references(model, objective, batches, device)
     per_pass = max(1, rows_per_pass // max(1, len(units[0][1]))) if units else 1
     passes = schedule(units, samples if samples is None else min(samples, len(units)), per_pass)
     flags = {p: p.requires_grad for p in model.parameters()}
     params = {n: m.weight for n, m in modules.items()}
+    totals = dict.fromkeys(modules, 0.0)
     try:
         for p in model.parameters():
             p.requires_grad_(False)
@@ -258,17 +264,13 @@ def first_order_scores(model: nn.Module, modules: dict[str, nn.Module], objectiv
                     slices.append((a, a + len(unit)))
                     a += len(unit)
                 objective.losses(result, batch, refs[b], slices, torch.as_tensor(rows)).sum().backward()
-        scores = {}
-        for name, m in modules.items():
-            g = m.weight.grad
-            if g is None:
-                scores[name] = 0.0
-                continue
-            g = g.double().abs()
-            if weighted:
-                g = g * m.weight.detach().double().abs()
-            scores[name] = float(g.mean()) / max(1, sum(len(p) for p in passes))
-        return scores
+                for name, w in params.items():  # every matrix read before any is cleared (tied weights)
+                    if w.grad is not None:
+                        g = w.grad * w.detach() if weighted else w.grad  # (out, in)
+                        totals[name] += float(g.abs().sum(dtype=torch.float64))
+                for w in params.values():
+                    w.grad = None
+        return {name: total / max(1, len(passes)) for name, total in totals.items()}
     finally:
         for p, flag in flags.items():
             p.grad = None

@@ -153,20 +153,35 @@ def test_zeroth_order_ranks_groups_like_true_gradient_norms(tmp_path):
     assert 0.6 < ratio < 1.0, ratio
 
 
-def test_first_order_scores_are_mean_abs_gradient(tmp_path):
+def test_first_order_scores_are_mean_over_passes_of_summed_abs_gradient(tmp_path):
+    """Each pass's gradient by plain autograd on its rows' summed losses; |.| per pass, then the mean over passes."""
     loaded, batches = _load(tmp_path, "llama")
     model, objective = loaded.model, objective_for("causal-lm")
     modules = {n: m for g in _groups(model) for n, m in g.modules.items()}
-    scores = first_order_scores(model, modules, objective, batches, rows_per_pass=3)
-    weighted = first_order_scores(model, modules, objective, batches, weighted=True)
     units = units_of(objective, batches)
-    total = sum(unit_loss(model, objective, {k: v.clone() for k, v in batches[b].items()}, None, rows, "cpu")
-                for b, rows in units)
-    grads = torch.autograd.grad(total, [m.weight for m in modules.values()])
-    for (name, m), g in zip(modules.items(), grads):
-        assert scores[name] == pytest.approx(float(g.abs().mean()) / len(units), rel=1e-9)
-        assert weighted[name] == pytest.approx(float((g * m.weight.detach()).abs().mean()) / len(units), rel=1e-9)
-        assert not m.weight.requires_grad or m.weight.grad is None  # flags restored, no stale gradients
+    weights = [m.weight for m in modules.values()]
+    for per_pass in (1, 3):
+        scores = first_order_scores(model, modules, objective, batches, rows_per_pass=per_pass)
+        weighted = first_order_scores(model, modules, objective, batches, weighted=True, rows_per_pass=per_pass)
+        passes = []
+        for u in units:  # consecutive units, at most per_pass, never two batches in one pass
+            if passes and len(passes[-1]) < per_pass and passes[-1][-1][0] == u[0]:
+                passes[-1].append(u)
+            else:
+                passes.append([u])
+        assert len(passes) == (len(units) if per_pass == 1 else 2)  # 2 batches of 2 rows
+        want = dict.fromkeys(modules, 0.0)
+        want_w = dict.fromkeys(modules, 0.0)
+        for p in passes:
+            loss = sum(unit_loss(model, objective, {k: v.clone() for k, v in batches[b].items()}, None, rows, "cpu")
+                       for b, rows in p)
+            for (name, m), g in zip(modules.items(), torch.autograd.grad(loss, weights)):
+                want[name] += float(g.abs().sum()) / len(passes)
+                want_w[name] += float((g * m.weight.detach()).abs().sum()) / len(passes)
+        for name, m in modules.items():
+            assert scores[name] == pytest.approx(want[name], rel=1e-6)
+            assert weighted[name] == pytest.approx(want_w[name], rel=1e-6)
+            assert not m.weight.requires_grad or m.weight.grad is None  # flags restored, no stale gradients
 
 
 @pytest.mark.parametrize("kind", ["bert", "vit", "clip", "dinov2", "siglip"])

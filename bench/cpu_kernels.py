@@ -3,7 +3,8 @@
 For SmolLM2-135M's layer shapes and token counts 1..128: our C kernel on 2:4 weights (float32 values,
 int8, int4 group 64), torch's ``_weight_int8pack_mm`` / ``_weight_int4pack_mm_for_cpu`` (float32 and
 bfloat16 activations), the per-call dense rebuild (what runs without SPARSIFY_CPU_CACHE), and torch's
-CSR / BSR matmul for unstructured / block weights at densities 0.5..0.05. Decode is memory-bound, so
+CSR / BSR matmul for unstructured / block weights at densities 0.5..0.05, and our C BSR kernel
+(``cpu-bsr-c``) on the same block weights. Decode is memory-bound, so
 every case rotates through enough weight copies to exceed the L3 cache (a model's weights never fit
 it), and the paths of one case run interleaved, round by round (the machine is shared): the median
 per call is reported. The crossovers it prints (largest token count at which a path beat, over the
@@ -12,6 +13,7 @@ CPU_MAX_TOKENS / SPARSE_MAX_TOKENS in sparsify/kernels/cpu/paths.py.
 
     python bench/cpu_kernels.py                  # -> bench/results/cpu_kernels.json
     python bench/cpu_kernels.py --quick          # a smoke run: one small shape, tokens 1 and 16, in cache
+    python bench/cpu_kernels.py --only bsr --tokens 1,16,128,1024 --out bench/results/cpu_kernels_bsr.json
 """
 from __future__ import annotations
 
@@ -58,12 +60,12 @@ def paths_for(fmt, kind, dtype_name):
     if fmt == "bitmask":
         return ["cpu-csr"]
     if fmt == "bsr":
-        return ["cpu-bsr"]
+        return ["cpu-bsr-c", "cpu-bsr"]
     extra = {"float": [], "int8": ["torch-int8pack"], "int4": ["torch-int4pack"]}[kind]
     return (["cpu-nm24"] if dtype_name == "float32" else []) + ["cpu-unpack"] + extra
 
 
-def measure(out, inp, tokens_list, dtype, rounds, seed=0, rotate=L3_BYTES) -> list[dict]:
+def measure(out, inp, tokens_list, dtype, rounds, seed=0, rotate=L3_BYTES, only=None) -> list[dict]:
     import torch
     import torch.nn.functional as F
 
@@ -75,7 +77,7 @@ def measure(out, inp, tokens_list, dtype, rounds, seed=0, rotate=L3_BYTES) -> li
     for i, (fmt, kind, _, attrs, _) in enumerate(cases[0]):
         dname = str(dtype).removeprefix("torch.")
         names = [p for p in paths_for(fmt, kind, dname)]
-        if dtype != torch.float32 and fmt != "nm":
+        if (dtype != torch.float32 and fmt != "nm") or (only and fmt != only):
             continue
         denses = [c[i][4].to(dtype) for c in cases]
         hopeless: set = set()  # paths already 3x slower than dense at fewer tokens: not timed further
@@ -137,6 +139,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--quick", action="store_true", help="a smoke run: 64 x 128, tokens 1 and 16, 2 rounds, in cache")
+    ap.add_argument("--only", default=None, help="one format's rows only (nm, bitmask, bsr)")
+    ap.add_argument("--tokens", default=None, help="comma list of token counts (default 1..128)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "cpu_kernels.json"))
     args = ap.parse_args(argv)
     import torch
@@ -149,9 +153,10 @@ def main(argv=None) -> dict:
     if native.unavailable():
         print(f"note: {native.unavailable()}", file=sys.stderr)
     shapes, tokens, rounds = ([(64, 128)], [1, 16], 2) if args.quick else (SHAPES, TOKENS, args.rounds)
+    tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else tokens
     rotate = 0 if args.quick else L3_BYTES
     rows = [r for dtype in (torch.float32, torch.bfloat16) for (o, i) in shapes
-            for r in measure(o, i, tokens, dtype, rounds, rotate=rotate)]
+            for r in measure(o, i, tokens, dtype, rounds, rotate=rotate, only=args.only)]
     table = crossovers(rows)
     for key, limit in sorted(table.items()):
         print(f"{key:40} beats dense up to {limit['dense']:>4} tokens, the per-call rebuild up to "

@@ -5,7 +5,7 @@ calibration tokens, 32 x 512 held-out tokens that never overlap them, fp32 on CP
 ``METHOD:ALLOCATION[/FLAG=VALUE...][@TARGETS]`` (`DEFAULT_VARIANTS`: uniform, OWL and ECoFLaP with
 Wanda at every target; ECoFLaP scored on 32 sequences (the reference scripts' number), and with
 S_max = S + 0.2, at 60% and 70%; uniform and ECoFLaP (S_max = S + 0.1 and S + 0.2) with SparseGPT at
-60% and 70%) runs as its own `sparsify prune` process, then
+60% and 70%; ECoFLaP(wanda) with |G * W| scores at S + 0.2) runs as its own `sparsify prune` process, then
 `sparsify eval`. ECoFLaP's defaults: block groups, first-order scores over every calibration
 sequence, S_max = S + 0.1. The scores do not depend on the sparsity nor on the local method: the
 first ECoFLaP run with a given number of score samples writes them to a scores file
@@ -82,7 +82,8 @@ def zeroth_order_timing(model: str, samples: int, seq_len: int, seed: int, block
 
 DEFAULT_VARIANTS = ("wanda:uniform,wanda:owl,wanda:ecoflap,wanda:ecoflap/score-samples=32@0.6+0.7,"
                     "wanda:ecoflap/max-sparsity=+0.2@0.6+0.7,sparsegpt:uniform@0.6+0.7,sparsegpt:ecoflap@0.6+0.7,"
-                    "sparsegpt:ecoflap/max-sparsity=+0.2@0.6+0.7")
+                    "sparsegpt:ecoflap/max-sparsity=+0.2@0.6+0.7,"
+                    "wanda:ecoflap/max-sparsity=+0.2/allocation-arg=weighted=true@0.6+0.7")
 
 
 def parse_variant(text: str) -> dict:
@@ -109,7 +110,10 @@ def variant_flags(v: dict, s: float, scores_dir: Path) -> list[str]:
 
 
 def score_samples(v: dict) -> str:
-    return dict(v["flags"]).get("score-samples", "all")
+    """What a variant's scores depend on: its score samples and any ``allocation-arg`` (e.g. weighted=true)."""
+    flags = dict(v["flags"])
+    extra = [value for key, value in v["flags"] if key == "allocation-arg"]
+    return "-".join([flags.get("score-samples", "all"), *sorted(extra)])
 
 
 def main() -> None:

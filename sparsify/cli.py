@@ -171,11 +171,13 @@ def bench(
     tokens: list[int] = typer.Option([1, 16, 128], "--tokens", help="Token counts for the per-layer timings; repeatable."),
     prompt_len: int = typer.Option(128, help="Prompt length of the whole-model prefill (decode runs on top of it)."),
     decode_tokens: int = typer.Option(32, help="Causal LMs: greedy decode steps timed per run, at batch 1 and 8."),
-    generation: bool = typer.Option(True, "--generation/--no-generation", help="End-to-end prefill / decode tokens/s (LMs) or items/s at batch 1 and 32 (others) against the dense source model."),
+    generation: bool = typer.Option(True, "--generation/--no-generation", help="End-to-end prefill / decode tokens/s (LMs) or items/s at each --batch (others) against the dense source model."),
+    batch: list[int] = typer.Option([1, 32], "--batch", help="Batch sizes of the end-to-end forwards of models other than causal LMs; repeatable."),
     cache_dense: bool = typer.Option(False, "--cache-dense", help="CPU: keep a dense copy of packed weights that have no fast CPU kernel (as SPARSIFY_CPU_CACHE=1; costs their dense bytes)."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's own)."),
     reps: int = typer.Option(7, help="Timed repetitions (median reported)."),
     device: str = typer.Option("auto", help="cpu, cuda, or auto."),
+    save_costs: Optional[str] = typer.Option(None, "--save-costs", help="Also time each block-sparse layer shape at kept-tile fractions 0..1 (at the largest --tokens) and write them to this JSON file: LPViT's cost=measured model (--allocation-arg costs=FILE)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ):
     """Time the packed artifact against its dense twin (each layer shape, prefill, decode) and its dense source (generation)."""
@@ -185,8 +187,8 @@ def bench(
     from sparsify.eval.latency import bench as run_bench
     from sparsify.render import bench_tables
 
-    if min(prompt_len, decode_tokens, reps, 1 if threads is None else threads, *tokens) < 1:
-        raise UserError("--tokens, --prompt-len, --decode-tokens, --reps and --threads must be at least 1")
+    if min(prompt_len, decode_tokens, reps, 1 if threads is None else threads, *tokens, *batch) < 1:
+        raise UserError("--tokens, --batch, --prompt-len, --decode-tokens, --reps and --threads must be at least 1")
     if cache_dense:
         os.environ["SPARSIFY_CPU_CACHE"] = "1"
     if threads:
@@ -194,7 +196,8 @@ def bench(
 
         torch.set_num_threads(threads)
     emit(run_bench(artifact, token_counts=tuple(tokens), prompt_len=prompt_len, device=device_name(device), reps=reps,
-                   decode_tokens=decode_tokens, generate=generation), as_json, bench_tables)
+                   decode_tokens=decode_tokens, generate=generation, save_costs=save_costs,
+                   batches=tuple(batch)), as_json, bench_tables)
 
 
 @app.command()

@@ -16,8 +16,9 @@ For every layer with a block scheme (``--scheme block:RxC``):
    to whole tiles per layer, the total moved to the target one tile at a time (within one tile).
    ``slope=budget`` equalises dJ per unit of budget removed instead of dJ/ds (see docs/lpvit.md).
 The local pruner (``--method``) then picks which tiles go, by its own tile score (magnitude |W|,
-Wanda |W| ||x||): LPViT decides how many per layer. Layers with other schemes keep their plan. A
-``measured`` cost model (latency per kept block from `sparsify bench` timings) is not built yet.
+Wanda |W| ||x||): LPViT decides how many per layer. Layers with other schemes keep their plan.
+``cost=measured`` (with ``costs=FILE``): P is the latency of the layer's surviving tiles, read from
+timings that ``sparsify bench ARTIFACT --save-costs FILE`` took on the target device (`eval.costs`).
 """
 from __future__ import annotations
 
@@ -39,7 +40,8 @@ from sparsify.tensors import to_device
 @dataclass
 class LPViTConfig:
     flops_kept: float | None = None  # fraction of the block layers' dense FLOPs to keep; None: the plan's sparsity
-    cost: str = "flops"  # hardware cost of the surviving blocks: flops | blocks
+    cost: str = "flops"  # hardware cost of the surviving blocks: flops | blocks | measured (needs costs)
+    costs: str | None = None  # cost=measured: the latency file of `sparsify bench --save-costs`
     beta: float = 1.0  # weight of the cost term, in units of the automatic balance (0: distortion only)
     step: float = 0.01  # sparsity grid step of the curves
     smooth: int = 0  # moving-average half-width (grid points) over each distortion curve; 0: none
@@ -48,9 +50,11 @@ class LPViTConfig:
     slope: str = "sparsity"  # equal dJ/ds per layer (the paper), or "budget": equal dJ per unit of budget removed
 
     def __post_init__(self):
-        if self.cost not in curves.COST_MODELS:
-            raise UserError(f"lpvit cost={self.cost!r}: choose one of {', '.join(curves.COST_MODELS)} "
-                            "(a measured model is not available yet)")
+        if self.cost not in (*curves.COST_MODELS, "measured"):
+            raise UserError(f"lpvit cost={self.cost!r}: choose one of {', '.join(curves.COST_MODELS)}, measured")
+        if (self.cost == "measured") != (self.costs is not None):
+            raise UserError("lpvit: cost=measured reads its timings from costs=FILE (write it with sparsify bench "
+                            "ARTIFACT --save-costs FILE); costs= goes with cost=measured only")
         if self.slope not in ("sparsity", "budget"):
             raise UserError(f"lpvit slope={self.slope!r}: choose sparsity or budget")
         if self.flops_kept is not None and not 0 < self.flops_kept <= 1:
@@ -115,11 +119,12 @@ def sparsity_of(removed: int, tiles: int) -> float:
 
 
 def allocate_curves(tile: dict[str, curves.TileCurve], tokens: dict[str, float], plan_sparsity: dict[str, float],
-                    config: LPViTConfig) -> tuple[dict[str, int], dict]:
+                    config: LPViTConfig, latency: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, int], dict]:
     """Tiles to remove per layer from its `TileCurve` (the solver without the model); returns (removed, info).
 
     ``tokens``: tokens each layer sees per sample (FLOPs = weights x tokens); ``plan_sparsity``: the
-    plan's sparsity per layer (the budget when ``config.flops_kept`` is None).
+    plan's sparsity per layer (the budget when ``config.flops_kept`` is None); ``latency``: with
+    ``cost=measured``, each layer's (tiles + 1,) cost of its surviving tiles by tiles removed.
     """
     s = curves.grid(config.step)  # (G,)
     flops = config.flops_kept is not None
@@ -127,7 +132,7 @@ def allocate_curves(tile: dict[str, curves.TileCurve], tokens: dict[str, float],
     for n, c in tile.items():
         kept[n] = (c.numel - c.removed) * (tokens[n] if flops else 1.0)  # (tiles + 1,) budget kept
         whole = torch.arange(c.tiles + 1, dtype=torch.float64) / c.tiles  # each whole-tile sparsity
-        p_tiles[n] = curves.cost_curve(c, config.cost, tokens[n], whole)  # (tiles + 1,)
+        p_tiles[n] = latency[n] if config.cost == "measured" else curves.cost_curve(c, config.cost, tokens[n], whole)
         d_grid = curves.smooth(curves.at_grid(c.distortion(), s), config.smooth)  # (G,)
         per = float(kept[n][0]) if config.slope == "budget" else 1.0  # dJ per unit of budget, or of s
         d_slope[n] = curves.slope(d_grid, s) / per  # (G,)
@@ -166,7 +171,14 @@ def allocate(ctx: AllocationContext, config: LPViTConfig):
     grads, tokens = gradient_signal(ctx.model, modules, ctx.batches(), ctx.device)
     tile = {n: curves.tile_curve(weight_of(m).float(), grads[n], ctx.plans[n].parsed_scheme.block, config.lam)
             for n, m in modules.items()}
-    removed, info = allocate_curves(tile, tokens, {n: ctx.plans[n].sparsity for n in names}, config)
+    latency = None
+    if config.cost == "measured":
+        from sparsify.eval import costs
+
+        table = costs.load(config.costs)
+        latency = {n: costs.latency_curve(table, list(weight_of(m).shape), ctx.plans[n].parsed_scheme.block,
+                                          tile[n].tiles) for n, m in modules.items()}
+    removed, info = allocate_curves(tile, tokens, {n: ctx.plans[n].sparsity for n in names}, config, latency)
     plans = dict(ctx.plans)
     for n in names:
         plans[n] = plans[n].with_sparsity(sparsity_of(removed[n], tile[n].tiles))

@@ -4,7 +4,7 @@ the other, in a shuffled order), medians reported.
 
 causal LMs: prefill tokens/s (batch 1, a ``prompt_len``-token prompt) and decode tokens/s with the KV
 cache at batch 1 and 8 (``decode_tokens`` greedy steps after an untimed prefill of the prompt);
-other families: items/s of whole forwards (images/s for image models) at batch 1 and 32.
+other families: items/s of whole forwards (images/s for image models) at batch 1 and 32 (or ``batches``).
 Memory, per model: the bytes of its parameters and buffers, plus, for the artifact, what the kernel
 dispatch keeps beside its packed weights (`kernels.cache_bytes`); on CUDA the peak allocated bytes
 of its own runs; on CPU the process's peak resident memory over each model's runs (both models are
@@ -60,7 +60,7 @@ def _timed(fn, device: str) -> float:
     return time.perf_counter() - t0
 
 
-def _cases(loaded, prompt_len: int, decode_tokens: int, device: str) -> list[tuple]:
+def _cases(loaded, prompt_len: int, decode_tokens: int, device: str, batches=FORWARD_BATCHES) -> list[tuple]:
     """(phase, batch, unit count per run, run(model) -> seconds) for this family."""
     cfg = getattr(loaded.config, "text_config", None) or loaded.config
     vocab, size = getattr(cfg, "vocab_size", 2), loaded.image_size or 32
@@ -74,8 +74,8 @@ def _cases(loaded, prompt_len: int, decode_tokens: int, device: str) -> list[tup
             "image": lambda b: {"pixel_values": torch.randn(b, 3, size, size, generator=g)},
             "image-text": lambda b: {"input_ids": torch.randint(0, vocab, (b, min(prompt_len, 64)), generator=g),
                                      "pixel_values": torch.randn(b, 3, size, size, generator=g)}}[loaded.family.inputs]
-    inputs = {b: {k: v.to(device) for k, v in make(b).items()} for b in FORWARD_BATCHES}
-    return [("forward", b, b, lambda m, b=b: _timed(lambda: m(**inputs[b]), device)) for b in FORWARD_BATCHES]
+    inputs = {b: {k: v.to(device) for k, v in make(b).items()} for b in batches}
+    return [("forward", b, b, lambda m, b=b: _timed(lambda: m(**inputs[b]), device)) for b in batches]
 
 
 def _warm_up(cases, models: dict, device: str) -> dict:
@@ -105,13 +105,13 @@ def _warm_up(cases, models: dict, device: str) -> dict:
 
 
 def generation(loaded, models: dict, *, prompt_len: int, decode_tokens: int, device: str, reps: int,
-               baseline: str = "dense") -> dict:
+               baseline: str = "dense", batches=FORWARD_BATCHES) -> dict:
     """Throughput of each model in ``models`` (name -> module, one of them ``baseline``) for every case of
     the family, interleaved. Returns {"rows": [{"phase", "batch", "tokens", "<name>_per_s"...,
     "speedup": {name: rate / baseline's rate}}], "memory": {name: {...}}, "unit", ...}."""
     from sparsify.resources import peak_rss_mb
 
-    cases = _cases(loaded, prompt_len, decode_tokens, device)
+    cases = _cases(loaded, prompt_len, decode_tokens, device, tuple(batches))
     times = {(phase, b, name): [] for phase, b, _, _ in cases for name in models}
     with torch.inference_mode():
         memory = _warm_up(cases, models, device)

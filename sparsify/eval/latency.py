@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import statistics
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -103,17 +104,31 @@ def _dense_source(manifest: dict, device: str, twin):
 
 
 def bench(artifact: str, *, token_counts=(1, 16, 128), prompt_len: int = 128, device: str = "cpu",
-          reps: int = 7, decode_tokens: int = 32, generate: bool = True) -> dict:
+          reps: int = 7, decode_tokens: int = 32, generate: bool = True, save_costs: str | None = None,
+          batches: tuple[int, ...] = (1, 32)) -> dict:
     """Time an artifact against its dense twin and its dense source.
+
+    ``batches``: batch sizes of the end-to-end forwards (families other than causal LMs).
+    ``save_costs``: also write the latency of every block-sparse layer shape against its kept tiles
+    there (`sparsify.eval.costs`, at the largest of ``token_counts``).
     Returns {"layers": [...], "forward": [...], "generation": {...}, ...}."""
     from sparsify import progress
+    from sparsify.eval import costs
     from sparsify.eval.generation import generation
-    from sparsify.runtime.densify import densify
+    from sparsify.errors import UserError
+    from sparsify.runtime.densify import densify, sparse_modules
     from sparsify.runtime.load import load_artifact
 
+    if save_costs and not Path(save_costs).resolve().parent.is_dir():
+        raise UserError(f"--save-costs {save_costs}: its directory does not exist: create it first")
     with progress.bar("bench", total=4) as step, progress.quiet():
         step(0, "loading the artifact and its dense twin")
         loaded, manifest = load_artifact(artifact, device=device)
+        blocks = sorted({(tuple(m.attrs["shape"]), tuple(m.attrs["block"])) for m in sparse_modules(loaded.model).values()
+                         if m.fmt == "bsr"})
+        if save_costs and not blocks:
+            raise UserError("--save-costs times block-sparse layers and this artifact has none: bench one pruned "
+                            "with --scheme block:RxC")
         dense_model = densify(copy.deepcopy(loaded.model))
         step(1, f"timing each layer shape at {', '.join(map(str, token_counts))} tokens")
         layers = _layer_rows(loaded.model, token_counts, device, reps)
@@ -125,8 +140,12 @@ def bench(artifact: str, *, token_counts=(1, 16, 128), prompt_len: int = 128, de
             source, source_name = _dense_source(manifest, device, dense_model)
             del dense_model  # the twin is not timed again
             gen = generation(loaded, {"sparse": loaded.model, "dense": source}, prompt_len=prompt_len,
-                             decode_tokens=decode_tokens, device=device, reps=reps)
+                             decode_tokens=decode_tokens, device=device, reps=reps, batches=batches)
             gen["dense_model"] = str(source_name)
+        cost_file = None
+        if save_costs:
+            step(0, f"timing {len(blocks)} block-sparse layer shape(s) at {len(costs.KEPT)} kept fractions")
+            cost_file = str(costs.save(costs.measure(blocks, max(token_counts), timeit, device, reps), save_costs))
         step(1, "done")
     by = {(r["phase"], r["model"]): r["ms"] for r in forward}
     ratios = {phase: by[(phase, "dense")] / by[(phase, "sparse")] for phase in ("prefill", "decode")
@@ -138,7 +157,7 @@ def bench(artifact: str, *, token_counts=(1, 16, 128), prompt_len: int = 128, de
             # memory the dispatch holds beside the packed weights (dense-cached / semi-structured / torch's
             # int8 / int4 / CSR copies), whether the CPU keeps dense copies, whether GPU thresholds are measured
             "dispatch_cache_bytes": kernels.cache_bytes(), "cpu_cache_dense": _cpu_cache(),
-            "thresholds_measured": kernels.THRESHOLDS_MEASURED}
+            "thresholds_measured": kernels.THRESHOLDS_MEASURED, "costs_file": cost_file}
 
 
 def _cpu_cache() -> bool:

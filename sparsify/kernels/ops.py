@@ -81,3 +81,19 @@ def cpu_nm24_linear(x: Tensor, values: Tensor, meta: Tensor, scale: Optional[Ten
 @cpu_nm24_linear.register_fake
 def _(x, values, meta, scale, zero, out_features, group_size, kind, bias=None):
     return x.new_empty((*x.shape[:-1], out_features))
+
+
+@torch.library.custom_op("sparsify::cpu_bsr_linear", mutates_args=())
+def cpu_bsr_linear(x: Tensor, values: Tensor, col_idx: Tensor, row_ptr: Tensor, out_features: int,
+                   bias: Optional[Tensor] = None) -> Tensor:
+    """`native.bsr_linear` as an op: float32 block-sparse weight, x (..., in) float32 -> (..., out)."""
+    from sparsify.kernels.cpu import native
+
+    tensors = {"values": values, "col_idx": col_idx, "row_ptr": row_ptr}
+    attrs = {"shape": [out_features, x.shape[-1]], "block": list(values.shape[1:])}
+    return native.bsr_linear(x, tensors, attrs, bias)
+
+
+@cpu_bsr_linear.register_fake
+def _(x, values, col_idx, row_ptr, out_features, bias=None):
+    return x.new_empty((*x.shape[:-1], out_features))

@@ -2,6 +2,8 @@
 layer): the artifact is bsr, per-layer sparsities differ, and the budget holds, counted in its weights."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from helpers import cli, cli_json, dense_weights
@@ -47,3 +49,27 @@ def test_lpvit_needs_a_block_scheme(vit, tmp_path):
     r = cli("prune", vit, "--method", "magnitude", "--sparsity", "0.5", "--allocation", "lpvit", "-o", tmp_path / "o",
             *CALIB, code=2)
     assert "--scheme block:16x16" in r.stderr
+
+
+def test_measured_cost_from_bench(vit, tmp_path):
+    """`sparsify bench --save-costs` times the artifact's block layer shapes; LPViT's cost=measured reads them."""
+    first = tmp_path / "uniform"
+    cli_json("prune", vit, "--method", "magnitude", "--scheme", "block:16x16", "--sparsity", "0.5", "-o", first)
+    lat = tmp_path / "lat.json"
+    b = cli_json("bench", first, "--tokens", "4", "--reps", "1", "--no-generation", "--save-costs", lat)
+    assert b["costs_file"] == str(lat)
+    table = json.loads(lat.read_text())
+    assert sorted(tuple(e["shape"]) for e in table["layers"]) == [(64, 64), (64, 128), (128, 64)]
+    out = tmp_path / "measured"
+    m = cli_json("prune", vit, "--method", "magnitude", "--scheme", "block:16x16", "--sparsity", "0.5",
+                 "--allocation", "lpvit", "--allocation-arg", "cost=measured", "--allocation-arg", f"costs={lat}",
+                 "-o", out, *CALIB)
+    a = m["allocation"]
+    assert a["options"]["cost"] == "measured" and abs(a["achieved"] - a["target"]) <= 0.01
+    r = cli("prune", vit, "--method", "magnitude", "--scheme", "block:16x16", "--sparsity", "0.5", "--allocation",
+            "lpvit", "--allocation-arg", "cost=measured", "-o", tmp_path / "o", *CALIB, code=2)
+    assert "costs=FILE" in r.stderr and not (tmp_path / "o").exists()
+    dense = tmp_path / "nm"
+    cli_json("prune", vit, "--method", "magnitude", "--scheme", "2:4", "-o", dense)
+    r = cli("bench", dense, "--tokens", "4", "--reps", "1", "--no-generation", "--save-costs", lat, code=2)
+    assert "has none" in r.stderr

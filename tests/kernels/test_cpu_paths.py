@@ -139,9 +139,58 @@ def test_csr_and_bsr_for_sparse_enough_weights():
     tensors, attrs = formats.pack("bsr", w, block=(16, 16))
     assert tensors["values"].shape[0] == 2 and paths.density("bsr", attrs, tensors) <= 0.05
     x = torch.randn(3, 100, generator=g)
-    assert kernels.kernel_name(x, "bsr", attrs, tensors) == "cpu-bsr"
+    assert kernels.kernel_name(x, "bsr", attrs, tensors) == ("cpu-bsr" if native.unavailable() else "cpu-bsr-c")
     check(kernels.linear(x, "bsr", tensors, attrs), x, tensors, attrs, fmt="bsr")
-    assert kernels.cache_bytes() == {}  # torch's BSR runs on the packed tensors themselves
+    check(paths.PATHS["cpu-bsr"].run(x, "bsr", tensors, attrs, None), x, tensors, attrs, fmt="bsr")
+    assert kernels.cache_bytes() == {}  # both BSR paths run on the packed tensors themselves
+
+
+def bsr_weight(out, inp, block, density, seed):
+    """A random float32 (out, in) weight with whole tiles zero (+0.0), packed as ``bsr``."""
+    g = torch.Generator().manual_seed(seed)
+    r, c = block
+    keep = torch.rand(-(-out // r), -(-inp // c), generator=g) < density
+    keep = keep.repeat_interleave(r, 0).repeat_interleave(c, 1)[:out, :inp]
+    return formats.pack("bsr", torch.where(keep, torch.randn(out, inp, generator=g), 0.0), block=block)
+
+
+@pytest.mark.parametrize("block", [(16, 16), (32, 8), (8, 16), (16, 32), (3, 5)], ids=str)
+@pytest.mark.parametrize("shape", [(50, 37), (96, 80), (33, 100)], ids=str)
+def test_bsr_c_kernel_matches_reference(block, shape):
+    """Edge tiles on both sides, R % 16 != 0 (scalar loop), C % 16 != 0, token counts across the decode
+    path (< 8), the 12-token register pass and the 96-token panel; an empty block row included."""
+    if native.unavailable():
+        pytest.skip(native.unavailable())
+    tensors, attrs = bsr_weight(*shape, block, 0.4, seed=sum(shape) + block[0])
+    g = torch.Generator().manual_seed(shape[1])
+    for tokens in (1, 3, 7, 8, 13, 97):
+        x, bias = torch.randn(tokens, shape[1], generator=g), torch.randn(shape[0], generator=g)
+        assert paths.PATHS["cpu-bsr-c"].accepts(x, "bsr", attrs, tensors)
+        y = paths.PATHS["cpu-bsr-c"].run(x, "bsr", tensors, attrs, bias)
+        want = R.bsr_linear_ref(x, tensors["values"], tensors["col_idx"], tensors["row_ptr"], attrs["shape"], bias)
+        bound = R.matmul_error_bound(x, formats.unpack("bsr", tensors, attrs), bias)
+        assert ((y.double() - want.double()).abs() <= 2 * bound).all(), (y - want).abs().max()
+    empty, attrs = bsr_weight(*shape, block, 0.0, seed=1)  # no tile at all: y is the bias
+    assert torch.equal(native.bsr_linear(x, empty, attrs, bias), bias.expand(x.shape[0], -1))
+
+
+def test_bsr_c_kernel_limits_and_custom_op(monkeypatch):
+    """Dense enough weights and bfloat16 go elsewhere; the op `torch.compile` traces agrees with the call."""
+    if native.unavailable():
+        pytest.skip(native.unavailable())
+    monkeypatch.delenv("SPARSIFY_CPU_CACHE", raising=False)
+    ceiling = paths.SPARSE_MAX_TOKENS["cpu-bsr-c"][0][0]
+    dense_ish, attrs = bsr_weight(64, 64, (16, 16), 1.0, seed=2)
+    assert paths.density("bsr", attrs, dense_ish) > ceiling
+    assert kernels.kernel_name(torch.randn(4, 64), "bsr", attrs, dense_ish) == "cpu-unpack"
+    tensors, attrs = bsr_weight(64, 64, (16, 16), 0.2, seed=3)
+    assert not paths.PATHS["cpu-bsr-c"].accepts(torch.randn(2, 64, dtype=torch.bfloat16), "bsr", attrs, tensors)
+    from sparsify.kernels.ops import cpu_bsr_linear
+
+    x, bias = torch.randn(2, 5, 64), torch.randn(64)
+    args = (x, tensors["values"], tensors["col_idx"], tensors["row_ptr"], 64, bias)
+    torch.library.opcheck(torch.ops.sparsify.cpu_bsr_linear.default, args)
+    check(cpu_bsr_linear(*args).reshape(10, 64), x.reshape(10, 64), tensors, attrs, fmt="bsr", bias=bias)
 
 
 def test_the_c_kernel_custom_op_for_torch_compile():

@@ -9,6 +9,8 @@ from sparsify.allocators import lpvit_curves as curves
 from sparsify.allocators.lpvit import LPViTConfig, allocate_curves, sparsity_of
 from sparsify.allocators.lpvit_solver import monotone, solve, whole_tiles
 from sparsify.errors import UserError
+from sparsify.eval import costs
+from sparsify.eval.latency import timeit
 from sparsify.pruners.masks import block_mask
 
 
@@ -139,6 +141,58 @@ def test_flops_budget_counts_tokens():
 
 
 def test_config_errors_are_user_errors():
-    for bad in ({"cost": "measured"}, {"flops_kept": 1.5}, {"step": 0.3}, {"max_sparsity": 1.0}, {"slope": "x"}):
+    for bad in ({"cost": "measured"}, {"costs": "f.json"}, {"cost": "watts"}, {"flops_kept": 1.5}, {"step": 0.3}, {"max_sparsity": 1.0}, {"slope": "x"}):
         with pytest.raises(UserError):
             LPViTConfig(**bad)
+
+
+def _table(entries):
+    return {"kind": costs.KIND, "tokens": 8, "layers": [{"shape": s, "block": b, "kept": k, "ms": ms}
+                                                        for s, b, k, ms in entries]}
+
+
+def test_latency_curve_interpolates_and_is_monotone():
+    """Linear between the measured kept fractions, by tiles removed; a dip (noise) is flattened."""
+    table = _table([([64, 128], [16, 16], [1.0, 0.0, 0.5], [10.0, 2.0, 7.0]),
+                    ([64, 128], [16, 32], [0.0, 0.5, 0.75, 1.0], [1.0, 5.0, 4.0, 9.0])])
+    c = costs.latency_curve(table, [64, 128], (16, 16), 32)  # 32 tiles
+    assert c.shape == (33,) and c[0] == 10.0 and c[32] == 2.0 and c[16] == 7.0
+    assert c[8] == pytest.approx(7.0 + 0.5 * 3.0)  # kept 0.75: halfway between 0.5 and 1.0
+    assert c[24] == pytest.approx(2.0 + 0.5 * 5.0)
+    d = costs.latency_curve(table, [64, 128], [16, 32], 16)
+    assert (d[:-1] >= d[1:]).all() and d[4] == 5.0  # kept 0.75 measured 4.0 < 5.0 at 0.5: raised to 5.0
+    with pytest.raises(UserError, match="no timing for a 128x64 layer"):
+        costs.latency_curve(table, [128, 64], [16, 16], 32)
+
+
+def test_measured_cost_prunes_slow_layers_more():
+    """Twins whose measured tiles cost 1 and 4 ms each: the cost term prunes the slow one more."""
+    tile, tokens = _twins(1.0)
+    n = tile["a"].tiles
+    kept = torch.arange(n, -1, -1, dtype=torch.float64)  # (tiles + 1,) tiles surviving by tiles removed
+    latency = {"a": 0.5 + 1.0 * kept, "b": 0.5 + 4.0 * kept}
+    spread = []
+    for beta in (0.0, 1.0, 4.0):
+        removed, info = allocate_curves(tile, tokens, {"a": 0.5, "b": 0.5}, LPViTConfig(cost="measured", costs="x",
+                                                                                         beta=beta), latency)
+        assert abs(info["achieved"] - info["target"]) <= 0.01
+        spread.append((removed["b"] - removed["a"]) / n)
+    assert abs(spread[0]) <= 1 / n + 1e-9 and spread[0] < spread[1] <= spread[2] and spread[2] > 0
+
+
+def test_latency_file_measure_save_load(tmp_path):
+    """A real (tiny) measurement through the dispatch; the file round-trips; bad files are one-line errors."""
+    table = costs.measure([((40, 48), (16, 16))], tokens=3, timeit=timeit, reps=1)
+    (entry,) = table["layers"]
+    assert entry["kept"] == list(costs.KEPT) and len(entry["ms"]) == len(costs.KEPT) and min(entry["ms"]) > 0
+    assert entry["kernel"][1] in ("cpu-bsr-c", "cpu-bsr") and entry["kernel"][-1] in ("cpu-unpack", "dense-cached")
+    path = costs.save(table, tmp_path / "lat.json")
+    assert costs.load(path) == table
+    assert not list(tmp_path.glob(".lat.json.tmp-*"))
+    with pytest.raises(UserError, match="refusing"):
+        costs.save(table, tmp_path / "sparsify.json")
+    (tmp_path / "bad.json").write_text('{"rules": []}')
+    with pytest.raises(UserError, match="--save-costs FILE"):
+        costs.load(tmp_path / "bad.json")
+    with pytest.raises(UserError, match="not a latency file"):
+        costs.load(tmp_path / "missing.json")

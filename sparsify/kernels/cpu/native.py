@@ -1,9 +1,9 @@
-"""Build and call the C kernel of `nm24.c`: 2:4 packed weights (float32 / int8 / int4) times float32
-activations, read straight from the packed layout.
+"""Build and call the C kernels: `nm24.c` (2:4 packed weights, float32 / int8 / int4) and `bsr.c` (float32
+block-sparse weights), times float32 activations, read straight from the packed layout.
 
-The source ships with the package and is compiled on first use with the system C compiler (``$CC``,
+The sources ship with the package and are compiled, into one library, on first use with the system C compiler (``$CC``,
 else ``cc``; ``-O3 -march=native -fopenmp``) into ``$SPARSIFY_CACHE/kernels`` (default
-``~/.cache/sparsify``), named by a hash of the source, the flags and this CPU, written to a temp file
+``~/.cache/sparsify``), named by a hash of the sources, the flags and this CPU, written to a temp file
 and renamed, so concurrent first uses never see half a library. About a second, once per machine.
 No compiler, a failed build, or a CPU without AVX-512 (the kernel's scalar loop loses to a dense
 matvec): `library()` is None, `unavailable()` says why in one line, and the dispatch runs the torch
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("nm24.c")
+SOURCES = [Path(__file__).with_name(name) for name in ("nm24.c", "bsr.c")]
 FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-fopenmp"]
 KIND_CODES = {"float": 0, "int8": 1, "int4": 2}  # the C enum
 GRAIN = 1 << 16  # kept weights x tokens per thread: below it a thread costs more than it saves
@@ -48,10 +48,10 @@ def _build(target: Path, compiler: str) -> None:
     os.close(fd)
     try:
         try:
-            subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE)], check=True, capture_output=True, timeout=120)
+            subprocess.run([compiler, *FLAGS, "-o", tmp, *map(str, SOURCES)], check=True, capture_output=True, timeout=120)
         except subprocess.CalledProcessError:  # a compiler without OpenMP: one thread
             flags = [f for f in FLAGS if f != "-fopenmp"]
-            subprocess.run([compiler, *flags, "-o", tmp, str(SOURCE)], check=True, capture_output=True, timeout=120)
+            subprocess.run([compiler, *flags, "-o", tmp, *map(str, SOURCES)], check=True, capture_output=True, timeout=120)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -65,7 +65,7 @@ def library():
     from sparsify.models.aliases import cache_root
 
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + _cpu_signature().encode()).hexdigest()[:16]
+    key = hashlib.sha256(b"".join(src.read_bytes() for src in SOURCES) + " ".join(FLAGS).encode() + _cpu_signature().encode()).hexdigest()[:16]
     target = cache_root() / "kernels" / f"nm24-{key}.so"
     lib, why = None, ""
     try:
@@ -79,6 +79,7 @@ def library():
         ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         lib.nm24_linear.argtypes = [ptr, i64, i64, ptr, ptr, ptr, ptr, i64, i64, i64, i32, ptr, ptr, i32]
         lib.nm24_unpack.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i32, ptr, i32]
+        lib.bsr_linear.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, i64, i64, ptr, ptr, i32]
     except (OSError, subprocess.SubprocessError) as e:
         err = getattr(e, "stderr", b"") or b""
         why = f"the CPU kernel is not used ({e}{': ' + err.decode(errors='replace')[:200] if err else ''})"
@@ -128,3 +129,19 @@ def nm24_unpack(tensors: dict, attrs: dict, kind: str) -> torch.Tensor:
     if library().nm24_unpack(values, meta, scale, zero, out, inp, gs, groups, code, _ptr(w), _threads(out * inp)):
         raise ValueError(f"nm24_unpack refused a weight of shape {attrs['shape']} (in must be a multiple of 4)")
     return w
+
+
+def bsr_linear(x: torch.Tensor, tensors: dict, attrs: dict, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., in) float32 -> (..., out) = x @ W^T (+ bias) for a float32 ``bsr`` weight, on its packed tensors."""
+    (r, c), (out, inp) = attrs["block"], attrs["shape"]
+    x2 = x.reshape(-1, inp).contiguous()  # (tokens, in)
+    y = torch.empty(x2.shape[0], out, dtype=torch.float32)  # (tokens, out)
+    values, col_idx, row_ptr = (tensors[k].contiguous() for k in ("values", "col_idx", "row_ptr"))
+    if col_idx.dtype != torch.int32 or row_ptr.dtype != torch.int32:
+        raise ValueError("bsr_linear takes int32 indices (fewer than 2**31 tiles)")
+    bias = None if bias is None else bias.float().contiguous()
+    work = values.numel() * x2.shape[0]  # kept weights x tokens
+    if library().bsr_linear(_ptr(x2), x2.shape[0], inp, _ptr(values), _ptr(col_idx), _ptr(row_ptr), out, r, c,
+                            _ptr(bias), _ptr(y), _threads(work)):
+        raise MemoryError("bsr_linear: no memory for the transposed tiles")
+    return y.view(*x.shape[:-1], out)

@@ -9,6 +9,8 @@ dense weight in bench/cpu_kernels.py (bench/results/cpu_kernels.json; 2-core AMD
   torch-int8pack  int8 weight-only, in % 32 == 0: ``aten._weight_int8pack_mm`` on a dense int8 copy (1 byte a
                   weight, cached: "int8pack").   Both torch kernels lose to the float32 dense weight with
                   float32 activations at every size measured, so the table only sends bfloat16 to them.
+  cpu-bsr-c       float32 ``bsr`` weights (int32 indices) sparse enough, any token count: our C kernel
+                  (`bsr.c`) on the packed tensors (a transposed copy of the kept tiles lives for one call).
   cpu-csr / cpu-bsr  unquantized ``bitmask`` / ``bsr`` weights sparse enough: torch's sparse matmul (CSR with
                   int32 indices, cached: "csr"; BSR straight on the packed tensors, which are its layout).
 Otherwise the dense weight: cached once with ``SPARSIFY_CPU_CACHE=1`` (or ``sparsify bench --cache-dense``;
@@ -39,7 +41,8 @@ CPU_MAX_TOKENS = {("cpu-nm24", "float", "float32"): (8, 8), ("cpu-nm24", "int8",
                   ("torch-int4pack", "int4", "bfloat16"): (16, 32), ("torch-int8pack", "int8", "bfloat16"): (8, 32)}
 # sparse matmul (against the dense weight): ((density at most, most tokens), ...), the first row that the
 # weight's density fits decides; measured up to 128 tokens (torch's BSR matmul is slow at 3-4 tokens)
-SPARSE_MAX_TOKENS = {"cpu-csr": ((0.1, 128), (0.3, 32)), "cpu-bsr": ((0.05, 128), (0.3, 2))}
+SPARSE_MAX_TOKENS = {"cpu-bsr-c": ((0.4, 1 << 62),), "cpu-csr": ((0.1, 128), (0.3, 32)),
+                     "cpu-bsr": ((0.05, 128), (0.3, 2))}
 FAST = ("cpu-nm24", "torch-int4pack", "torch-int8pack")
 INT4_GROUPS = (256, 128, 64, 32)  # group sizes torch's int4 kernel takes
 
@@ -186,6 +189,21 @@ def _bsr_run(x, fmt, tensors, attrs, bias):
     return _finish(y.contiguous(), x, bias)
 
 
+def _bsr_c_accepts(x, fmt, attrs, tensors) -> bool:
+    return (fmt == "bsr" and not attrs.get("quant") and attrs["dtype"] == "float32" and x.dtype == torch.float32
+            and tensors is not None and tensors["row_ptr"].dtype == torch.int32 and native.library() is not None)
+
+
+def _bsr_c_run(x, fmt, tensors, attrs, bias):
+    if bias is not None and bias.dtype != torch.float32:
+        return _bsr_c_run(x, fmt, tensors, attrs, None) + bias.float()
+    if torch.compiler.is_compiling():
+        from sparsify.kernels.ops import cpu_bsr_linear
+
+        return cpu_bsr_linear(x, tensors["values"], tensors["col_idx"], tensors["row_ptr"], attrs["shape"][0], bias)
+    return native.bsr_linear(x, tensors, attrs, bias)
+
+
 def _sparse_accepts(fmt_name):
     return lambda x, fmt, attrs, tensors: (fmt == fmt_name and not attrs.get("quant")
                                            and x.dtype == getattr(torch, attrs["dtype"]))
@@ -214,6 +232,7 @@ def _unpack_run(x, fmt, tensors, attrs, bias):
 PATHS = {"cpu-nm24": CpuPath(_nm24_accepts, _nm24_run),
          "torch-int4pack": CpuPath(_int4pack_accepts, _int4pack_run),
          "torch-int8pack": CpuPath(_int8pack_accepts, _int8pack_run),
+         "cpu-bsr-c": CpuPath(_bsr_c_accepts, _bsr_c_run),
          "cpu-csr": CpuPath(_sparse_accepts("bitmask"), _csr_run),
          "cpu-bsr": CpuPath(_sparse_accepts("bsr"), _bsr_run),
          "cpu-unpack": CpuPath(lambda *a: True, _unpack_run)}
@@ -227,7 +246,7 @@ def choose(x, fmt: str, attrs: dict, tensors: dict | None = None) -> str:
         limit = CPU_MAX_TOKENS.get((name, kind, dtype), (0, 0))[0 if cache else 1]
         if tokens <= limit and PATHS[name].accepts(x, fmt, attrs, tensors):
             return name
-    for name in ("cpu-csr", "cpu-bsr"):
+    for name in ("cpu-bsr-c", "cpu-csr", "cpu-bsr"):
         if (tensors is not None and PATHS[name].accepts(x, fmt, attrs, tensors)
                 and tokens <= _sparse_limit(name, fmt, attrs, tensors)):
             return name

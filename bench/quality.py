@@ -9,6 +9,7 @@ one to propagate). Prints a table and writes bench/results/quality_<model>.json.
     python bench/quality.py --suite quant         # issue 3 rows: 2:4 + int8 / int4, joint vs round-to-nearest
     python bench/quality.py --suite distill       # 2:4 SparseGPT with and without --distill-steps
     python bench/quality.py --suite admm --admm-repo /tmp/admm   # issue 14: ADMM rows beside the ADMM-Grad code
+    python bench/quality.py --suite best --admm-repo /tmp/admm   # issue 14: --preset best (+ int8) beside SparseGPT
     python bench/quality.py --model DIR --samples 4 --seq-len 64 --windows 2 --methods magnitude --out /tmp/q.json
 """
 from __future__ import annotations
@@ -120,8 +121,23 @@ def runs(suite: str, methods: list[str], schemes: list[str], distill_steps: int)
     admm = [("sparsegpt 2:4", sgpt), ("admm 2:4", ["--method", "admm", "--scheme", "2:4"]),
             ("admm 2:4 fixed wanda mask", ["--method", "admm", "--scheme", "2:4", "--method-arg", "gradual=0"]),
             ("admm 2:4 int8 joint", ["--method", "admm", "--scheme", "2:4", "--quant", "int8"])]
-    table = {"spine": spine, "quant": quant, "distill": distill, "admm": admm}
+    best = [("sparsegpt 2:4", sgpt), ("preset best 2:4", ["--preset", "best", "--scheme", "2:4"]),
+            ("preset best 2:4 int8 joint", ["--preset", "best", "--scheme", "2:4", "--quant", "int8"]),
+            ("sparsegpt 2:4 + best's distillation", sgpt + ["--distill-steps", "4", "--distill-lr", "5e-4"])]
+    table = {"spine": spine, "quant": quant, "distill": distill, "admm": admm, "best": best}
     return [r for name in (table if suite == "all" else suite.split(",")) for r in table[name]]
+
+
+def time_vs_sparsegpt(rows: list[dict]) -> None:
+    """Each row's ``total_s`` (prune plus any distillation: the manifest's prune_s stops before it) and its
+    ratio to the "sparsegpt 2:4" row's, in place."""
+    for r in rows:
+        if r.get("prune_s") is not None:
+            r["total_s"] = round(r["prune_s"] + ((r.get("distill") or {}).get("wall_s") or 0.0), 2)
+    base = next((r["total_s"] for r in rows if r["config"] == "sparsegpt 2:4"), None)
+    for r in rows:
+        if base and r.get("total_s"):
+            r["time_vs_sparsegpt_2_4"] = round(r["total_s"] / base, 3)
 
 
 def main() -> None:
@@ -174,6 +190,7 @@ def main() -> None:
               "evaluation": {"data": "builtin eval split", "seq_len": args.seq_len,
                              "windows": dense["perplexity"]["windows"], "tokens": dense["perplexity"]["tokens"]},
               "dense_forward_s": round(fwd, 2), "rows": rows}
+    time_vs_sparsegpt(rows)
     write_results(out_json, result)
     print(f"{'config':<32} {'ppl':>9} {'sparsity':>9} {'bytes':>6} {'prune s':>8} {'/2fwd':>6} {'RSS MB':>7}")
     for r in rows:

@@ -93,7 +93,7 @@ def parse_kv(items: list[str], flag: str) -> dict:
 # Options shared by `prune` and `plan`: declared once, added to both commands by `layer_options`.
 LAYER_OPTIONS = [
     ("method", Optional[str], typer.Option(None, help="magnitude | wanda | sparsegpt | admm | none (weights unchanged, e.g. with --attention). Default: wanda, or magnitude for a bare .safetensors.")),
-    ("preset", Optional[str], typer.Option(None, help="fast (wanda) | best (the lowest measured 2:4 perplexity: admm): sets --method and its options; the manifest records what it chose.")),
+    ("preset", Optional[str], typer.Option(None, help="fast (wanda) | best (the lowest measured 2:4 perplexity within 2x SparseGPT's time: sparsegpt, then 4 distillation steps at lr 5e-4): sets --method, its options and the distillation; the manifest records what it chose.")),
     ("scheme", str, typer.Option("unstructured", help="unstructured | N:M (2:4, 4:8, ...) | block:RxC (whole tiles, e.g. block:32x32; stored as bsr).")),
     ("sparsity", float, typer.Option(0.5, help="Fraction removed, in [0, 1) (unstructured; an N:M scheme fixes its own, 1 - N/M).")),
     ("per", str, typer.Option("row", help="unstructured threshold per output 'row' or per 'layer'.")),

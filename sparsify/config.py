@@ -112,9 +112,9 @@ class PruneConfig:
     quant: str = "none"  # none | int8 | int4 | fp8 | w8a8 (see sparsify.quant.spec)
     group_size: int | None = None  # int4 quantization group along the input dim (None: the quantizer's default)
     joint_quant: bool = True  # quantize inside the pruner's loop when it can (SparseGPT); False: prune, then round
-    distill_steps: int = 0  # sparse distillation steps after pruning (0: off)
+    distill_steps: int | None = None  # sparse distillation steps after pruning (0: off; None: the preset's, else 0)
     distill_mode: str = "auto"  # auto | end-to-end | block-wise (see sparsify.distill)
-    distill_lr: float = 1e-4  # AdamW learning rate of the distillation
+    distill_lr: float | None = None  # AdamW learning rate of the distillation (None: the preset's, else 1e-4)
     targets: list[str] | None = None
     ignore: list[str] | None = None
     method_args: dict = field(default_factory=dict)
@@ -131,10 +131,12 @@ class PruneConfig:
 
     def __post_init__(self):
         self.scheme = Scheme.parse(self.scheme)
-        if self.preset is not None:
-            from sparsify.presets import resolve
+        from sparsify.presets import distill_settings, resolve
 
+        if self.preset is not None:
             self.method, self.method_args = resolve(self.preset, self.method_args)
+        d = distill_settings(self.preset, distill_steps=self.distill_steps, distill_lr=self.distill_lr)
+        self.distill_steps, self.distill_lr = d["distill_steps"], d["distill_lr"]
         if isinstance(self.attention, dict):
             from sparsify.attention.double_sparsity import DoubleSparsityConfig
 

@@ -24,6 +24,7 @@ import torch
 from sparsify.calibrate import distributed
 from sparsify.config import parse_size
 from sparsify.errors import UserError
+from sparsify.presets import preset_hint
 from sparsify.resources import trim_freed_memory
 
 def mib(n: float) -> str:
@@ -38,7 +39,7 @@ def check_streamable(config, blocks, weights) -> None:
     elif config.attention is not None:
         why = "--attention calibrates every block's attention together"
     elif config.distill_steps:
-        why = "--distill-steps trains the whole model after pruning"
+        why = "--distill-steps trains the whole model after pruning" + preset_hint(config.preset)
     elif len(blocks) != 1:
         why = f"this model has {len(blocks)} block lists ({', '.join(p for p, _ in blocks)}); capturing a later one runs the earlier"
     if why is None:

@@ -62,7 +62,9 @@ def check_supported(config) -> None:
     if not (launched() or world() > 1):
         return
     if config.distill_steps:
-        raise UserError(f"--distill-steps {SINGLE}")
+        from sparsify.presets import preset_hint
+
+        raise UserError(f"--distill-steps {SINGLE}{preset_hint(config.preset)}")
     if config.allocation in ("ecoflap", "lpvit"):  # they score on every window with their own passes
         raise UserError(f"--allocation {config.allocation} {SINGLE}, or write its plan there with --save-allocation "
                         "FILE and pass --plan FILE under torchrun")

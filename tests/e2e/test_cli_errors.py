@@ -105,7 +105,7 @@ CASES = {
     # issue 14: presets
     "unknown preset": (lambda l, t: l, ["--preset", "quick"], ["fast, best"]),
     "preset and another method": (lambda l, t: l, ["--preset", "best", "--method", "wanda"],
-                                  ["--preset best chooses --method admm", "drop --method wanda"]),
+                                  ["--preset best chooses --method sparsegpt", "drop --method wanda"]),
     # issue 15: streaming
     "max memory not a size": (lambda l, t: l, ["--max-memory", "lots"], ["--max-memory 'lots'", "2GB"]),
     "max memory below the plan": (lambda l, t: l, ["--max-memory", "1KB"], ["planned peak", "raise --max-memory"]),
@@ -113,6 +113,8 @@ CASES = {
     "activations in memory over the cap": (lambda l, t: l, ["--max-memory", "300KB", "--activations", "memory",
                                                           "--samples", "64", "--seq-len", "64"],
                                            ["planned peak", "--activations disk"]),
+    "max memory with the best preset": (lambda l, t: l, ["--max-memory", "1GB", "--preset", "best", "--scheme", "2:4"],
+                                        ["--preset best distills", "--distill-steps 0"]),
     "max memory with an allocator": (lambda l, t: l, ["--max-memory", "1GB", "--allocation", "owl"],
                                      ["--allocation owl", "drop --max-memory"]),
 }

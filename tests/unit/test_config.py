@@ -68,8 +68,23 @@ def test_presets_set_the_concrete_method_and_keep_the_users_options():
     best = PruneConfig(preset="best", scheme="2:4")
     assert best.method == PRESETS["best"]["method"] and best.to_json()["preset"] == "best"
     assert PruneConfig(preset="fast").method == "wanda"
-    tuned = PruneConfig(preset="best", method_args={"iters": 7})
-    assert tuned.method_args["iters"] == 7
+    tuned = PruneConfig(preset="best", method_args={"damp": 0.05})
+    assert tuned.method_args["damp"] == 0.05
     assert PruneConfig(**{**tuned.to_json(), "scheme": "unstructured", "calib": tuned.calib}).method == best.method
     with pytest.raises(UserError, match="--preset 'quick': use one of fast, best"):
         PruneConfig(preset="quick")
+
+
+def test_preset_distillation_is_concrete_and_the_users_value_wins():
+    from sparsify.presets import PRESETS, preset_hint
+
+    want = PRESETS["best"]
+    best = PruneConfig(preset="best", scheme="2:4")
+    assert (best.distill_steps, best.distill_lr) == (want["distill_steps"], want["distill_lr"])
+    assert best.to_json()["distill_steps"] == want["distill_steps"]  # the manifest records the number, not the name
+    off = PruneConfig(preset="best", scheme="2:4", distill_steps=0)
+    assert off.distill_steps == 0 and off.distill_lr == want["distill_lr"]
+    assert PruneConfig(preset="best", scheme="2:4", distill_lr=1e-3).distill_lr == 1e-3
+    for plain in (PruneConfig(), PruneConfig(preset="fast")):
+        assert (plain.distill_steps, plain.distill_lr) == (0, 1e-4)
+    assert "--distill-steps 0" in preset_hint("best") and preset_hint("fast") == preset_hint(None) == ""

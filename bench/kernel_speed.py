@@ -1,7 +1,8 @@
 """Kernel benchmark: our 2:4 Triton kernels vs dense torch matmul and torch's semi-structured 2:4.
 
 Shapes (out, in) from SmolLM2-135M, Llama-7B and ViT-B; token counts 1..4096. Variants of ours:
-2:4 bf16 values, 2:4 int8 weight-only, 2:4 int4 group 128, and W8A8 (int8 activations). Per case:
+2:4 bf16 values, 2:4 int8 weight-only, 2:4 int4 group 128, W8A8 (int8 activations), and the BSR
+kernel on 16 x 16 tiles with 50% and 90% of them removed (issue #11's GPU table). Per case:
 median time over reps (CUDA events; L2 flushed before each rep unless --no-flush; launched from a
 CUDA graph unless --no-graph, so Python overhead does not hide the kernel), dense-equivalent TFLOP/s
 (2*T*in*out / t), GB/s of the bytes actually moved (packed weight + x + y), ratio to dense (same
@@ -29,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SHAPES = {"smollm2": [(576, 576), (1536, 576), (576, 1536), (192, 576)],
           "llama7b": [(4096, 4096), (11008, 4096), (4096, 11008)], "vit-b": [(768, 3072), (3072, 768)]}
 TOKENS = [1, 16, 64, 256, 1024, 4096]
-VARIANTS = ["bf16", "int8", "int4-g128", "w8a8"]
+VARIANTS = ["bf16", "int8", "int4-g128", "w8a8", "bsr16-50", "bsr16-90"]  # bsr16-S: 16 x 16 tiles, S% removed
 SMOKE = {"shape": (24, 64), "tokens": [1, 3]}
 
 
@@ -43,7 +44,19 @@ def make_case(out: int, inp: int, variant: str, device, dtype, seed: int = 0):
     from sparsify.kernels.triton.w8a8 import w8a8_linear
 
     w = R.random_nm_weight(out, inp, 2, 4, seed=seed)  # (out, in) fp32
-    if variant == "bf16":
+    if variant.startswith("bsr"):
+        from sparsify import formats
+        from sparsify.kernels.triton.bsr_matmul import bsr_linear
+
+        g = torch.Generator().manual_seed(seed)
+        keep = torch.rand(-(-out // 16), -(-inp // 16), generator=g) >= int(variant.split("-")[1]) / 100
+        keep = keep.repeat_interleave(16, 0).repeat_interleave(16, 1)[:out, :inp]  # (out, in)
+        w = torch.where(keep, torch.randn(out, inp, generator=g), 0.0)  # (out, in) whole zero tiles
+        tensors, _ = formats.pack("bsr", w.to(dtype), block=(16, 16))
+        values, col_idx, row_ptr = (tensors[k].to(device) for k in ("values", "col_idx", "row_ptr"))
+        packed = (values, col_idx, row_ptr)
+        run = lambda x: bsr_linear(x, values, col_idx, row_ptr, (out, inp))  # noqa: E731
+    elif variant == "bf16":
         values, meta = (t.to(device) for t in R.nm_pack_ref(w.to(dtype), 2, 4))
         packed = (values, meta)
         run = lambda x: nm_linear(x, values, meta, 2, 4)  # noqa: E731
@@ -106,11 +119,14 @@ def run_case(out, inp, tokens, variant, device, dtype, reps, flush=True, graph=T
 
     run, packed_bytes, dense = make_case(out, inp, variant, device, dtype)
     x = torch.randn(tokens, inp, device=device, dtype=dtype)  # (tokens, in)
-    attrs = {"n": 2, "m": 4, "bits": 2, "shape": [out, inp], "dtype": str(dtype).removeprefix("torch."),
-             **{"bf16": {}, "int8": {"quant": "int8"}, "int4-g128": {"quant": "int4", "group_size": 128},
-                "w8a8": {"quant": "int8", "activations": "int8"}}[variant]}
+    fmt = "bsr" if variant.startswith("bsr") else "nm"
+    attrs = {"shape": [out, inp], "dtype": str(dtype).removeprefix("torch."),
+             **({"block": [16, 16]} if fmt == "bsr" else
+                {"n": 2, "m": 4, "bits": 2, **{"bf16": {}, "int8": {"quant": "int8"},
+                                               "int4-g128": {"quant": "int4", "group_size": 128},
+                                               "w8a8": {"quant": "int8", "activations": "int8"}}[variant]})}
     row = {"out": out, "in": inp, "tokens": tokens, "variant": variant,
-           "dispatch": kernels.kernel_name(x, "nm", attrs) if device == "cuda" else "triton (forced)"}
+           "dispatch": kernels.kernel_name(x, fmt, attrs) if device == "cuda" else "triton (forced)"}
     row["dense_ms"] = time_ms(lambda: F.linear(x, dense), device, reps, flush, graph)
     row["ours_ms"] = time_ms(lambda: run(x), device, reps, flush, graph)
     if variant == "bf16" and device == "cuda":

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -74,7 +75,7 @@ def main() -> None:
                          "layers": [{k: r[k] for k in ("shape", "tokens", "kernel", "sparse_ms", "dense_ms", "speedup")}
                                     for r in b["layers"]]})
             write_results(out_json, result)  # each row survives a later failure
-            shutil_rm(out)
+            shutil.rmtree(out, ignore_errors=True)
     print(f"{'sparsity':>8} {'batch':>5} {'sparse img/s':>12} {'dense img/s':>11} {'speedup':>7}")
     for r in rows:
         for f in r["forward"]:
@@ -86,12 +87,6 @@ def main() -> None:
             print(f"{r['sparsity']:>8.2f} {'x'.join(map(str, ly['shape'])):>12} {ly['tokens']:>6} {ly['kernel']:>10} "
                   f"{ly['sparse_ms']:>9.2f} {ly['dense_ms']:>8.2f} {ly['speedup']:>5.2f}")
     print(f"results -> {out_json}")
-
-
-def shutil_rm(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
 
 
 if __name__ == "__main__":

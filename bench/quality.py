@@ -121,9 +121,14 @@ def runs(suite: str, methods: list[str], schemes: list[str], distill_steps: int)
     admm = [("sparsegpt 2:4", sgpt), ("admm 2:4", ["--method", "admm", "--scheme", "2:4"]),
             ("admm 2:4 fixed wanda mask", ["--method", "admm", "--scheme", "2:4", "--method-arg", "gradual=0"]),
             ("admm 2:4 int8 joint", ["--method", "admm", "--scheme", "2:4", "--quant", "int8"])]
-    best = [("sparsegpt 2:4", sgpt), ("preset best 2:4", ["--preset", "best", "--scheme", "2:4"]),
-            ("preset best 2:4 int8 joint", ["--preset", "best", "--scheme", "2:4", "--quant", "int8"]),
-            ("sparsegpt 2:4 + best's distillation", sgpt + ["--distill-steps", "4", "--distill-lr", "5e-4"])]
+    best_2_4, best_distill = ["--preset", "best", "--scheme", "2:4"], ["--distill-steps", "4", "--distill-lr", "5e-4"]
+    admm_2_4 = ["--method", "admm", "--scheme", "2:4"]
+    best = [("sparsegpt 2:4", sgpt), ("sparsegpt 2:4 int8 joint", sgpt + ["--quant", "int8"]),
+            ("preset best 2:4", best_2_4),
+            ("preset best 2:4 int8 (quantized after distillation)", best_2_4 + ["--quant", "int8"]),
+            ("preset best 2:4 int8 --distill-quant fixed", best_2_4 + ["--quant", "int8", "--distill-quant", "fixed"]),
+            ("admm 2:4 + best's distillation", admm_2_4 + best_distill),
+            ("admm 2:4 int8 + best's distillation", admm_2_4 + best_distill + ["--quant", "int8"])]
     table = {"spine": spine, "quant": quant, "distill": distill, "admm": admm, "best": best}
     return [r for name in (table if suite == "all" else suite.split(",")) for r in table[name]]
 

@@ -50,6 +50,7 @@ def prune(
     distill_steps: Optional[int] = typer.Option(None, help="Sparse distillation steps after pruning, dense model as teacher (0: off; default 0, or the --preset's)."),
     distill_mode: str = typer.Option("auto", help="auto | end-to-end | block-wise (one block at a time; auto picks it when teacher + student do not fit)."),
     distill_lr: Optional[float] = typer.Option(None, help="Distillation learning rate, AdamW (default 1e-4, or the --preset's)."),
+    distill_quant: str = typer.Option("after", help="With --quant and distillation: after (prune and distill in float, then round to nearest with fitted scales) | fixed (quantize while pruning, distill through that grid)."),
     calib: str = typer.Option("builtin", help="Calibration data: builtin, a .txt / .jsonl file, or an image folder."),
     samples: int = typer.Option(32, help="Calibration samples (the literature uses 128 x 2048 tokens on a GPU; 32 x 512 keeps a CPU run to minutes)."),
     seq_len: int = typer.Option(512, help="Tokens per calibration sample."),
@@ -81,7 +82,7 @@ def prune(
         raise UserError("--samples, --batch-size must be >= 1 and --seq-len >= 2")
     config = prune_config(
         layer, model, joint_quant=joint_quant, distill_steps=distill_steps, distill_mode=distill_mode,
-        distill_lr=distill_lr, allocation_args=allocation_args(layer["allocation"], allocation_arg, max_sparsity=max_sparsity,
+        distill_lr=distill_lr, distill_quant=distill_quant, allocation_args=allocation_args(layer["allocation"], allocation_arg, max_sparsity=max_sparsity,
                                                                 group=group, score=score, score_samples=score_samples,
                                                                 per_tower=per_tower or None),
         calib=CalibConfig(source=calib, samples=samples, seq_len=seq_len, seed=seed, batch_size=batch_size),

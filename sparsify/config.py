@@ -92,6 +92,7 @@ class CalibConfig:
 
 
 DISTILL_MODES = ("auto", "end-to-end", "block-wise")
+DISTILL_QUANT = ("after", "fixed")  # when --quant rounds a distilled run's weights (see sparsify.distill)
 DTYPES = ("float32", "float16", "bfloat16")  # what --dtype may ask for (float64: no kernel, no format computes in it)
 DEFAULT_SPARSITY = 0.5
 ACTIVATIONS = ("auto", "memory", "disk")  # where calibration activations live (`sparsify.calibrate.spill`)
@@ -115,6 +116,7 @@ class PruneConfig:
     distill_steps: int | None = None  # sparse distillation steps after pruning (0: off; None: the preset's, else 0)
     distill_mode: str = "auto"  # auto | end-to-end | block-wise (see sparsify.distill)
     distill_lr: float | None = None  # AdamW learning rate of the distillation (None: the preset's, else 1e-4)
+    distill_quant: str = "after"  # with --quant: prune and distill in float, then round | fixed: distill on the pruner's grid
     targets: list[str] | None = None
     ignore: list[str] | None = None
     method_args: dict = field(default_factory=dict)
@@ -150,6 +152,8 @@ class PruneConfig:
             raise UserError(f"--per {self.per!r}: use 'row' or 'layer'")
         if self.distill_mode not in DISTILL_MODES:
             raise UserError(f"--distill-mode {self.distill_mode!r}: use {', '.join(DISTILL_MODES)}")
+        if self.distill_quant not in DISTILL_QUANT:
+            raise UserError(f"--distill-quant {self.distill_quant!r}: use {', '.join(DISTILL_QUANT)}")
         if self.distill_steps < 0 or not self.distill_lr > 0:
             raise UserError("--distill-steps must be >= 0 and --distill-lr > 0")
         self._refuse_idle_options()

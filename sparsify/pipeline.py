@@ -114,7 +114,7 @@ def _prune(model: str, config: PruneConfig, out: str | Path, *, overwrite: bool,
            trust_remote_code: bool, save_allocation: str | None) -> dict | None:
     from sparsify.calibrate import distributed
     from sparsify.models.load import load_model, resolve, sha256_files
-    from sparsify.pruning import PruneResult, prune_model
+    from sparsify.pruning import PruneResult, prune_model, quant_spec
     from sparsify.quant.spec import QuantSpec
 
     source = distributed.main_first(resolve, model, cache_dir=cache_dir)
@@ -171,6 +171,7 @@ def _prune(model: str, config: PruneConfig, out: str | Path, *, overwrite: bool,
             if distributed.is_main():
                 save_rules(planned.plans, save_allocation, note=f"sparsify {config.allocation} allocation of {model}")
     result = PruneResult()
+    late_quant = bool(config.distill_steps) and config.distill_quant == "after"  # round after distilling
     with ArtifactWriter(out, overwrite) if stream and distributed.is_main() else nullcontext() as w:
         residency, spilled = None, config.activations == "disk"
         if stream:
@@ -183,7 +184,7 @@ def _prune(model: str, config: PruneConfig, out: str | Path, *, overwrite: bool,
         with spill_dir(out) if spilled else nullcontext() as spill:
             prune_model(loaded.model, planned, batches, device=config.device, joint_quant=config.joint_quant,
                         observers=attention.observers if attention else None, residency=residency, result=result,
-                        spill=spill)
+                        spill=spill, quantize=not late_quant)
         if not distributed.is_main():
             return None  # rank 0 finishes alone: attention rankings, manifest, artifact
         attention_section, attention_tensors = None, None
@@ -196,8 +197,9 @@ def _prune(model: str, config: PruneConfig, out: str | Path, *, overwrite: bool,
             from sparsify.distill import distill_model
 
             flat = {n: m for mods in planned.active.values() for n, m in mods.items()}
+            specs = {n: quant_spec(planned.plans[n]) for n in flat} if late_quant else None
             distill = distill_model(loaded, flat, result.qparams, config, source, lr=config.distill_lr,
-                                    mode=config.distill_mode)
+                                    mode=config.distill_mode, specs=specs)
         default_method = registry.get(registry.PRUNERS, config.method, "method")
         manifest = {
             "sparsify_version": __version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

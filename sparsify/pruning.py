@@ -18,19 +18,25 @@ from sparsify.plan import LayerPlan
 from sparsify.planning import Planned, method_config
 
 
+def quant_spec(plan: LayerPlan):
+    """The plan's `QuantSpec`, or None when it does not quantize."""
+    from sparsify.quant.spec import QuantSpec
+
+    return QuantSpec.parse(plan.quant, plan.group_size)
+
+
 @dataclass
 class LayerStep:
     """One layer's pruner, method config and quantization; ``__call__(weight, stats)`` -> (new, qparams)."""
 
     plan: LayerPlan
     joint_quant: bool = True
+    quantize: bool = True  # False: prune only, whatever the plan's quant (the caller rounds later)
 
     def __post_init__(self):
-        from sparsify.quant.spec import QuantSpec
-
         self.pruner = registry.get(registry.PRUNERS, self.plan.method, "method")
         self.method_cfg = method_config(self.pruner, self.plan.method_args)
-        self.spec = QuantSpec.parse(self.plan.quant, self.plan.group_size)
+        self.spec = quant_spec(self.plan) if self.quantize else None
 
     def stack_key(self, stats) -> tuple | None:
         """Layers with equal keys are solved as one stacked matrix (see `Pruner.rows_independent`):
@@ -81,7 +87,7 @@ def solver_note(name: str, stats, requested: float | None) -> tuple[dict | None,
 
 def prune_model(model, planned: Planned, batches: Callable[[], list[dict]], device: str = "cpu", joint_quant: bool = True,
                 observers: dict | None = None, on_observed=None, residency=None,
-                result: PruneResult | None = None, spill: str | None = None) -> PruneResult:
+                result: PruneResult | None = None, spill: str | None = None, quantize: bool = True) -> PruneResult:
     """Prune every active layer of ``planned`` in place; returns quant params, solver notes, warnings.
 
     Args:
@@ -90,10 +96,11 @@ def prune_model(model, planned: Planned, batches: Callable[[], list[dict]], devi
         residency: streamed weights (`sparsify.streaming.BlockStreamer`), handed to the runner.
         result: filled in place when given (the streamer packs each block with its quant params).
         spill: a directory for the calibration activations (`calibrate.spill`); None keeps them in memory.
+        quantize: False prunes without the plans' quantization (no qparams): the caller quantizes later.
     """
     from sparsify.models.layout import find_blocks
 
-    steps = {n: LayerStep(planned.plans[n], joint_quant) for mods in planned.active.values() for n in mods}
+    steps = {n: LayerStep(planned.plans[n], joint_quant, quantize) for mods in planned.active.values() for n in mods}
     kinds = {n: s.pruner.stats for n, s in steps.items()}
     result = PruneResult() if result is None else result
 

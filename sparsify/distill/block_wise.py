@@ -16,7 +16,7 @@ import torch
 from sparsify.calibrate.capture import capture, hidden_of
 from sparsify.distill.dense import DenseWeights, load_teacher
 from sparsify.distill.loss import normalized_mse
-from sparsify.distill.train import finalize, masked_step, trainable
+from sparsify.distill.train import masked_step, trainable
 from sparsify.tensors import to_device
 
 
@@ -37,9 +37,12 @@ def _captured(model, layers, micro, device) -> tuple[list[torch.Tensor], list[li
                            for block in calls]
 
 
-def run(loaded, flat, qparams, masks, signs, micro, source, config, steps, lr, per_step,
+def run(loaded, flat, qparams, masks, settle, micro, source, config, steps, lr, per_step,
         advance) -> list[tuple[float, float]]:
-    """Train ``flat`` in place, block by block; returns (first, last) step loss per trained block."""
+    """Train ``flat`` in place, block by block; returns (first, last) step loss per trained block.
+
+    ``qparams`` are the fake-quantization grids trained through ({} trains in float); ``settle(mods)``
+    puts a trained block's weights on their final grid, before the next block reads its output."""
     from sparsify.models.layout import find_blocks
 
     model, dev, losses = loaded.model, config.device, []
@@ -73,7 +76,7 @@ def run(loaded, flat, qparams, masks, signs, micro, source, config, steps, lr, p
                         masked_step(opt, params, keep)
                         curve.append(total)
                         advance()
-                finalize(mine, masks, signs, qparams)
+                settle(mine)
                 losses.append((curve[0], curve[-1]) if curve else (0.0, 0.0))
             with torch.no_grad():
                 s_in = [forward(x, j).cpu() for j, x in enumerate(s_in)]

@@ -4,6 +4,7 @@
   packer will quantize them.
 - `FakeQuant`: the straight-through fake quantizer (forward on the packer's FIXED grid, backward identity).
 - `masked_step`: the optimizer step that cannot touch a pruned position.
+- `refit`: round-to-nearest scales fitted to the trained weights (``--distill-quant after``: trained in float).
 - `finalize`: the exit step that puts weights back on their grid with exactly the entry mask.
 """
 from __future__ import annotations
@@ -75,6 +76,14 @@ def masked_step(opt: torch.optim.Optimizer, params: list[nn.Parameter], masks: l
     with torch.no_grad():
         for p, keep in zip(params, masks):
             p.mul_(keep)
+
+
+def refit(flat: dict[str, nn.Linear], specs: dict, qparams: dict) -> None:
+    """Set, in place, ``qparams[name]`` to round-to-nearest params of ``specs[name]`` fitted to the layer's
+    current (trained, masked) weight, for every layer with a spec."""
+    for name, lin in flat.items():
+        if specs.get(name) is not None:
+            qparams[name] = rtn.compute_params(lin.weight.detach(), specs[name])
 
 
 def _smallest_on_grid(sign: torch.Tensor, params, rows: torch.Tensor, cols: torch.Tensor, in_features: int,

@@ -83,6 +83,8 @@ CASES = {
     "unknown method": (lambda l, t: l, ["--method", "obs"], ["magnitude", "wanda", "sparsegpt"]),
     "unknown method option": (lambda l, t: l, ["--method", "sparsegpt", "--method-arg", "dampp=0.1"], ["damp"]),
     "unknown distill mode": (lambda l, t: l, ["--distill-steps", "2", "--distill-mode", "layerwise"], ["block-wise"]),
+    "unknown distill quant": (lambda l, t: l, ["--distill-steps", "2", "--quant", "int8", "--distill-quant", "late"],
+                              ["after", "fixed"]),
     "non-positive distill lr": (lambda l, t: l, ["--distill-steps", "2", "--distill-lr", "0"], ["--distill-lr"]),
     "nan in a weight": (lambda l, t: _nan_weight(l, t), [], ["model.layers.1.mlp.up_proj.weight", "NaN"]),
     "plan file missing": (lambda l, t: l, ["--plan", "nope.yaml"], ["--plan", "no such file"]),

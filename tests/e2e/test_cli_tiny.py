@@ -118,3 +118,24 @@ def test_distill_from_the_cli_keeps_the_mask(tiny, tmp_path, mode):
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k] != 0, after[k] != 0) for k in before)  # same mask, position by position
     assert any(not torch.equal(before[k], after[k]) for k in before)  # and the kept weights moved
+
+
+@pytest.mark.parametrize("how", ["after", "fixed"])
+def test_distill_with_int8_keeps_the_mask_and_the_grid(tiny, tmp_path, how):
+    """--quant int8 with distillation: the manifest says how the grid entered; every artifact stays 2:4. With
+    ``after`` it keeps the float run's mask exactly and every weight is a multiple of its row's scale
+    fitted last (the row's largest weight is code 127); ``fixed``'s grid is checked in test_distill."""
+    plain, out = tmp_path / "plain", tmp_path / how
+    cli("prune", tiny["llama"], "--method", "magnitude", "--scheme", "2:4", "-o", plain, *SMALL_CALIB)
+    m = cli_json("prune", tiny["llama"], "--method", "magnitude", "--scheme", "2:4", "--quant", "int8", "-o", out,
+                 *SMALL_CALIB, "--distill-steps", "2", "--distill-lr", "1e-3", "--distill-quant", how)
+    assert m["distill"]["quant"] == how and m["config"]["distill_quant"] == how
+    before, after = dense_weights(plain), dense_weights(out)
+    for k, w in after.items():
+        assert int((w.reshape(-1, 4) != 0).sum(1).max()) <= 2, k
+        if how == "fixed":
+            continue
+        assert torch.equal(before[k] != 0, w != 0), k  # pruned in float: the unquantized run's mask
+        scale = w.abs().amax(1, keepdim=True) / 127  # (out, 1): the row's largest weight is code +-127
+        codes = w / scale.clamp_min(1e-30)
+        assert torch.allclose(codes, codes.round(), atol=1e-3) and codes.abs().max() <= 127 + 1e-3, k

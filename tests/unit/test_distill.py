@@ -40,20 +40,20 @@ def tiny(tmp_path_factory):
     return resolve(str(make_tiny("llama", root / "llama"))), str(text)
 
 
-def _prune(loaded, cfg) -> tuple[dict, dict]:
+def _prune(loaded, cfg, quantize=True) -> tuple[dict, dict]:
     """Prune ``loaded`` in place as the pipeline does; (pruned modules by name, quant params by name)."""
     planned = build_plan(loaded.model, cfg)
-    result = prune_model(loaded.model, planned, lambda: calibration_batches(loaded, cfg.calib))
+    result = prune_model(loaded.model, planned, lambda: calibration_batches(loaded, cfg.calib), quantize=quantize)
     return {n: m for mods in planned.active.values() for n, m in mods.items()}, result.qparams
 
 
-def _pruned(tiny, quant="none", steps=5, group_size=None):
+def _pruned(tiny, quant="none", steps=5, group_size=None, quantize=True):
     src, text = tiny
     progress.set_enabled(False)
     cfg = PruneConfig(method="magnitude", scheme="2:4", quant=quant, group_size=group_size, distill_steps=steps,
                       calib=CalibConfig(source=text, samples=8, seq_len=32, batch_size=4))
     loaded = load_model(src)
-    return (src, cfg, loaded, *_prune(loaded, cfg))
+    return (src, cfg, loaded, *_prune(loaded, cfg, quantize))
 
 
 def _teacher_kl(loaded, src, cfg) -> float:
@@ -94,6 +94,50 @@ def test_quantized_weights_end_on_their_grid(tiny, quant, group_size, mode):
     src, cfg, loaded, flat, qparams = _pruned(tiny, quant, steps=3, group_size=group_size)
     before = {n: lin.weight.detach().clone() for n, lin in flat.items()}
     distill.distill_model(loaded, flat, qparams, cfg, src, lr=5e-3, mode=mode)
+    assert _check_mask(flat, before) > 0
+    for name, lin in flat.items():
+        assert torch.equal(rtn.snap(lin.weight.detach(), qparams[name]), lin.weight.detach()), name
+
+
+@pytest.mark.parametrize("quant,group_size", [("int8", None), ("int4", 32)])
+def test_quantize_after_is_round_to_nearest_of_the_float_distillation(tiny, quant, group_size):
+    """``specs`` (--distill-quant after): pruned and trained in float, then rounded with scales fitted to the
+    trained weights. Reference: the same float distillation without specs, then `rtn.fake_quantize`, with
+    kept weights that round to 0.0 set one grid step from zero with their entry sign."""
+    src, cfg, ref, flat_ref, none = _pruned(tiny, quant, steps=3, group_size=group_size, quantize=False)
+    assert none == {}  # pruned in float: nothing quantized yet
+    entry = {n: lin.weight.detach().clone() for n, lin in flat_ref.items()}
+    distill.distill_model(ref, flat_ref, {}, cfg, src, lr=5e-3, mode="end-to-end")
+    _, _, loaded, flat, qparams = _pruned(tiny, quant, steps=3, group_size=group_size, quantize=False)
+    spec = QuantSpec.parse(quant, group_size)
+    info = distill.distill_model(loaded, flat, qparams, cfg, src, lr=5e-3, mode="end-to-end",
+                                 specs={n: spec for n in flat})
+    assert info["quant"] == "after" and set(qparams) == set(flat)
+    for name, lin in flat.items():
+        want, params = rtn.fake_quantize(flat_ref[name].weight.detach(), spec)  # (out, in)
+        got, keep = lin.weight.detach(), entry[name] != 0
+        assert torch.equal(params.scale, qparams[name].scale), name
+        assert torch.equal(got != 0, keep), name
+        assert torch.equal(got[want != 0], want[want != 0]), name
+        nudged = keep & (want == 0)
+        step = rtn.expand_params(params, *nudged.nonzero(as_tuple=True), got.shape[1])[0]  # (k,)
+        assert torch.equal(got[nudged].abs(), step), name  # one grid step (int8 and symmetric int4: the scale)
+        assert torch.equal(torch.sign(got[nudged]), torch.sign(entry[name][nudged])), name
+    assert sum(int((e != 0).sum()) for e in entry.values()) == sum(int((lin.weight != 0).sum()) for lin in flat.values())
+
+
+def test_quantize_after_block_wise_ends_on_grid_and_counts_nudges(tiny):
+    src, cfg, loaded, flat, qparams = _pruned(tiny, "int8", steps=3, quantize=False)
+    before = {n: lin.weight.detach().clone() for n, lin in flat.items()}
+    with torch.no_grad():  # row 0 of the first layer: one kept weight 1.0, the others 1e-9 (they round to 0.0)
+        row = next(iter(flat.values())).weight[0]
+        kept = row.nonzero().flatten()
+        row[kept] = row[kept].sign() * 1e-9
+        row[kept[0]] = 1.0  # 3 steps at lr 1e-6 move none of them past half a step (1 / 254)
+    spec = QuantSpec("int8")
+    info = distill.distill_model(loaded, flat, qparams, cfg, src, lr=1e-6, mode="block-wise",
+                                 specs={n: spec for n in flat})
+    assert info["quant"] == "after" and info["nudged"] >= len(kept) - 1
     assert _check_mask(flat, before) > 0
     for name, lin in flat.items():
         assert torch.equal(rtn.snap(lin.weight.detach(), qparams[name]), lin.weight.detach()), name

@@ -21,6 +21,7 @@ samples), in one fresh process; reports both wall times, their ratio and the lar
 difference of the estimates; then the batched estimator once more with its default early stop.
 
     python bench/ecoflap.py                                   # the committed run
+    python bench/ecoflap.py --variants ''                     # only the zeroth-order timing
     python bench/ecoflap.py --model DIR --samples 4 --seq-len 64 --windows 2 --sparsities 0.7 \\
         --variants wanda:uniform,wanda:ecoflap --zo-blocks 0,1 --zo-samples 2 --out /tmp/e.json
 """
@@ -131,7 +132,7 @@ def main() -> None:
     out_json, calib, ev = protocol(args, "ecoflap")
     dense = sparsify("eval", args.model, *ev)["perplexity"]
     rows = []
-    variants = [parse_variant(v) for v in args.variants.split(",")]
+    variants = [parse_variant(v) for v in args.variants.split(",") if v]  # "" runs only the timing
     result = {"model": args.model, "variants": [v["label"] for v in variants],
               "allocations": {"owl": {"m": 5.0, "lam": 0.08, "groups": "block"},
                               "ecoflap": {"score": "first", "group": "block", "aggregation": "sum",

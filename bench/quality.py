@@ -46,9 +46,19 @@ def protocol_parser(doc: str) -> argparse.ArgumentParser:
     return ap
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux), or the platform's processor string: float32 results of a solver
+    like SparseGPT move by a few percent between CPU vendors, so every result says which one ran it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        return platform.processor()
+
+
 def write_results(path: Path, result: dict) -> None:
     """``result`` plus the machine it ran on, as JSON at ``path`` (folders made as needed)."""
-    result["machine"] = {"cpu_count": os.cpu_count(), "platform": platform.platform(),
+    result["machine"] = {"cpu_count": os.cpu_count(), "cpu": cpu_model(), "platform": platform.platform(),
                          "python": platform.python_version()}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))

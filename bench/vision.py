@@ -8,8 +8,9 @@ by default, as a user with the training data would do it: ``--calib train`` draw
 training split (never the held-out one); ``--calib builtin`` uses the built-in photos instead.
 Configurations: uniform block magnitude / Wanda and LPViT with each, at 30% and 50% sparsity, plus
 LPViT without its hardware cost term (``beta=0``); then the GPUSQ-ViT scheme post-training: 2:4
-SparseGPT with int8 (per channel) and int4 (groups of 32) jointly, each with and without a short
-distillation (``--distill-steps``, dense teacher, mask frozen). Every row has its artifact's bytes.
+SparseGPT with int8 (per channel) and int4 (groups of 32) jointly, each without and with a short
+distillation (``--distill-steps``, dense teacher, mask frozen), the latter quantized after distilling
+(the default) and on the pruner's fixed grid (``--distill-quant fixed``). Every row has its artifact's bytes.
 Prints a table and writes bench/results/vision_digits_vit.json.
 
     python bench/vision.py                      # the committed run (needs scikit-learn: the dev extra)
@@ -69,9 +70,10 @@ def main() -> None:
                     ["--method", method, "--scheme", f"block:{args.block}", "--sparsity", str(s),
                      "--allocation", allocation, *extra])
         for quant in NM_QUANT:
-            for steps in (0, args.distill_steps):
-                run({"config": f"2:4 sparsegpt {' '.join(quant[1::2])} distill {steps}", "sparsity_target": 0.5},
-                    ["--method", "sparsegpt", "--scheme", "2:4", *quant, "--distill-steps", str(steps)])
+            for steps, when in ((0, []), (args.distill_steps, []), (args.distill_steps, ["--distill-quant", "fixed"])):
+                run({"config": f"2:4 sparsegpt {' '.join(quant[1::2])} distill {steps}" + (" fixed grid" if when else ""),
+                     "sparsity_target": 0.5},
+                    ["--method", "sparsegpt", "--scheme", "2:4", *quant, "--distill-steps", str(steps), *when])
     result = {"model": "tests/trained_models.py digits ViT", "training": record, "dense": dense,
               "block": args.block, "calibration": {"source": "digits training split" if args.calib == "train" else "builtin photos",
                               "samples": args.samples, "seed": 0},

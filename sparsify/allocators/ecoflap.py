@@ -3,7 +3,8 @@
 Groups of adjustable matrices (``group``: each ``matrix``, each transformer ``block`` (default), or each
 ``tower`` of a multimodal model, i.e. each list of repeated blocks) get an importance score from the
 family's own loss (`ecoflap_loss`): ``first`` order (default; real gradients, |G| summed over a
-matrix's entries and averaged over the passes, or |G * W| with ``weighted``) or ``zeroth`` order
+matrix's entries and averaged over the passes, or |G * W| with ``weighted``, or ||G||_2 with
+``norm=l2``) or ``zeroth`` order
 (two-sided random perturbations, forward passes only; `ecoflap_scores`). A group's score is the sum
 of its matrices' scores (a zeroth-order estimate is per group already); ``aggregation=mean`` divides
 it by the group's weight count.
@@ -43,18 +44,19 @@ class ECoFLaPConfig:
     aggregation: str = "sum"  # sum of the matrices' scores in a group | mean: that sum per weight
     score_samples: int | None = None  # calibration units scored (zeroth: most draws per group); None: all
     weighted: bool = False  # first order: |G * W| instead of |G|
+    norm: str = "l1"  # first order: l1 sums |G| over a matrix's entries; l2 takes ||G||_2 (what zeroth order estimates)
     per_tower: bool = False  # allocate inside each tower with its own budget
     eps: float = 1e-3  # zeroth order: perturbation size
     rtol: float = 0.1  # zeroth order: stop a group once its standard error <= rtol * mean (0: never)
     min_samples: int = 8  # zeroth order: draws before the stop rule applies
-    units_per_pass: int = 4  # zeroth order: units (each with its own direction) per batched +-eps pass
+    units_per_pass: int = 1  # zeroth order: units (each with its own direction) per batched +-eps pass
     rows_per_pass: int = 1  # first order: calibration rows per backward pass (|G| is taken per pass)
     seed: int = 0
     scores_file: str | None = None  # JSON of group scores: read when it exists (same groups), else written
 
     def __post_init__(self):
         for key, value, allowed in (("group", self.group, GROUPS), ("score", self.score, ("first", "zeroth")),
-                                    ("aggregation", self.aggregation, ("sum", "mean"))):
+                                    ("aggregation", self.aggregation, ("sum", "mean")), ("norm", self.norm, ("l1", "l2"))):
             if value not in allowed:
                 raise UserError(f"ecoflap {key}={value!r}: choose one of {', '.join(allowed)}")
         if self.max_sparsity is not None and not 0 <= self.max_sparsity < 1:
@@ -110,7 +112,7 @@ def capped_fill(numel: dict[str, int], scores: dict[str, float], keep_total: int
 
 def scores_key(config: ECoFLaPConfig) -> dict:
     """What a saved score file must match to be reused (everything that changes the scores)."""
-    keys = ("group", "score", "aggregation", "score_samples", "weighted", "rows_per_pass", "eps", "rtol", "min_samples", "seed")
+    keys = ("group", "score", "aggregation", "score_samples", "weighted", "norm", "rows_per_pass", "eps", "rtol", "min_samples", "seed")
     return {k: getattr(config, k) for k in keys}
 
 
@@ -166,7 +168,8 @@ def allocate(ctx: AllocationContext, config: ECoFLaPConfig):
     elif config.score == "first":
         with progress.bar("ECoFLaP gradients", total=1) as advance:
             matrix = first_order_scores(ctx.model, {n: m for g in groups for n, m in g.modules.items()}, objective,
-                                        batches, config.score_samples, config.weighted, config.rows_per_pass, ctx.device)
+                                        batches, config.score_samples, config.weighted, config.rows_per_pass, ctx.device,
+                                        config.norm)
             advance()
         scores = {g.name: sum(matrix[n] for n in g.modules) for g in groups}
     else:

@@ -55,7 +55,7 @@ class ZerothOrder:
     samples: int | None = None  # most units drawn per group (None: one per calibration unit)
     min_samples: int = 8
     rtol: float = 0.1  # stop when standard error <= rtol * mean; 0: never stop early
-    units_per_pass: int = 4
+    units_per_pass: int = 1  # 1: one unit's +eps and -eps copies per pass (more rows per pass ran slower per row on CPU)
     seed: int = 0
 
 
@@ -233,8 +233,11 @@ def naive_zeroth_order_scores(model: nn.Module, groups: list[Group], objective: 
 
 def first_order_scores(model: nn.Module, modules: dict[str, nn.Module], objective: Objective, batches: list[dict],
                        samples: int | None = None, weighted: bool = False, rows_per_pass: int = 1,
-                       device="cpu") -> dict[str, float]:
+                       device="cpu", norm: str = "l1") -> dict[str, float]:
     """{matrix: mean over the backward passes of the sum over its entries of |G| (or |G * W|)}.
+
+    ``norm="l2"`` takes the Euclidean norm of G (or G * W) instead of the sum of |.|: per matrix, what
+    a zeroth-order estimate measures (up to sqrt(2 / pi)).
 
     G is one pass's gradient (``rows_per_pass`` calibration rows, or one unit); the |.| is taken per
     pass before averaging, as ECoFLaP's GradOnly score does per batch, so gradients that change sign
@@ -267,7 +270,7 @@ def first_order_scores(model: nn.Module, modules: dict[str, nn.Module], objectiv
                 for name, w in params.items():  # every matrix read before any is cleared (tied weights)
                     if w.grad is not None:
                         g = w.grad * w.detach() if weighted else w.grad  # (out, in)
-                        totals[name] += float(g.abs().sum(dtype=torch.float64))
+                        totals[name] += float(g.abs().sum(dtype=torch.float64) if norm == "l1" else g.double().norm())
                 for w in params.values():
                     w.grad = None
         return {name: total / max(1, len(passes)) for name, total in totals.items()}

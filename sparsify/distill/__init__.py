@@ -12,7 +12,7 @@ exists for these alone. `train.masked_step` zeroes gradients at pruned positions
 step and re-applies the mask after it. Quantization enters in one of two ways (``--distill-quant``):
 - ``after`` (default; the caller passes ``specs``): the weights were pruned in float and train in
   float; at exit `train.refit` fits round-to-nearest scales to the trained weights. Measured on
-  SmolLM2 2:4 (README): +0.2% perplexity over the unquantized distillation, where the other way lost 11%.
+  SmolLM2 2:4 (README): 61.68 against 61.70 unquantized, where ``fixed`` gave 68.86 (+11.6%).
 - ``fixed`` (``qparams`` from a quantizing pruner): the forward sees each weight fake-quantized with
   the pruner's FIXED scales (straight-through estimator).
 Either way `train.finalize` snaps each weight onto its grid at exit, where a kept weight that is

@@ -73,6 +73,8 @@ def test_config_rejects_bad_values():
         ECoFLaPConfig(score="second")
     with pytest.raises(UserError, match="max_sparsity"):
         ECoFLaPConfig(max_sparsity=1.0)
+    with pytest.raises(UserError, match="norm='l3'"):
+        ECoFLaPConfig(norm="l3")
 
 
 def _load(tmp_path, kind, samples=4, seq_len=16, batch_size=2, double=True):
@@ -163,6 +165,7 @@ def test_first_order_scores_are_mean_over_passes_of_summed_abs_gradient(tmp_path
     for per_pass in (1, 3):
         scores = first_order_scores(model, modules, objective, batches, rows_per_pass=per_pass)
         weighted = first_order_scores(model, modules, objective, batches, weighted=True, rows_per_pass=per_pass)
+        l2 = first_order_scores(model, modules, objective, batches, rows_per_pass=per_pass, norm="l2")
         passes = []
         for u in units:  # consecutive units, at most per_pass, never two batches in one pass
             if passes and len(passes[-1]) < per_pass and passes[-1][-1][0] == u[0]:
@@ -172,15 +175,18 @@ def test_first_order_scores_are_mean_over_passes_of_summed_abs_gradient(tmp_path
         assert len(passes) == (len(units) if per_pass == 1 else 2)  # 2 batches of 2 rows
         want = dict.fromkeys(modules, 0.0)
         want_w = dict.fromkeys(modules, 0.0)
+        want_l2 = dict.fromkeys(modules, 0.0)
         for p in passes:
             loss = sum(unit_loss(model, objective, {k: v.clone() for k, v in batches[b].items()}, None, rows, "cpu")
                        for b, rows in p)
             for (name, m), g in zip(modules.items(), torch.autograd.grad(loss, weights)):
                 want[name] += float(g.abs().sum()) / len(passes)
                 want_w[name] += float((g * m.weight.detach()).abs().sum()) / len(passes)
+                want_l2[name] += math.sqrt(float((g * g).sum())) / len(passes)
         for name, m in modules.items():
             assert scores[name] == pytest.approx(want[name], rel=1e-6)
             assert weighted[name] == pytest.approx(want_w[name], rel=1e-6)
+            assert l2[name] == pytest.approx(want_l2[name], rel=1e-6)
             assert not m.weight.requires_grad or m.weight.grad is None  # flags restored, no stale gradients
 
 

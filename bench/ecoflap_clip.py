@@ -10,7 +10,8 @@ per unit). For each target sparsity, unstructured, every configuration is its ow
 - uniform Wanda; OWL + Wanda (M = 5, lambda = 0.08, per block);
 - ECoFLaP + Wanda: first-order scores, S_max = S + 0.1, groups ``block`` (default), ``block --per-tower`` (each tower
   keeps its own budget), ``tower`` (one group per tower) and ``matrix``; ``block`` and ``matrix`` with |G * W|
-  scores (``weighted=true``); ``block`` with zeroth-order scores (``--score zeroth``).
+  scores (``weighted=true``), and with ||G||_2 scores (``norm=l2``); ``block`` with zeroth-order scores
+  (``--score zeroth``).
 
 ECoFLaP's scores do not depend on the sparsity: each variant's first run writes them to a scores file and the later
 sparsities read it (``scores_reused``), so a variant's first row's prune time is the whole cost. Every row has the
@@ -43,6 +44,8 @@ CONFIGS = {"uniform": ["--allocation", "uniform"], "owl": ["--allocation", "owl"
            "ecoflap-matrix": ["--allocation", "ecoflap", "--group", "matrix"],
            "ecoflap-weighted": ["--allocation", "ecoflap", "--allocation-arg", "weighted=true"],
            "ecoflap-matrix-weighted": ["--allocation", "ecoflap", "--group", "matrix", "--allocation-arg", "weighted=true"],
+           "ecoflap-l2": ["--allocation", "ecoflap", "--allocation-arg", "norm=l2"],
+           "ecoflap-matrix-l2": ["--allocation", "ecoflap", "--group", "matrix", "--allocation-arg", "norm=l2"],
            "ecoflap-zeroth": ["--allocation", "ecoflap", "--score", "zeroth"]}
 
 

@@ -114,7 +114,7 @@ def _prune(model: str, config: PruneConfig, out: str | Path, *, overwrite: bool,
            trust_remote_code: bool, save_allocation: str | None) -> dict | None:
     from sparsify.calibrate import distributed
     from sparsify.models.load import load_model, resolve, sha256_files
-    from sparsify.pruning import PruneResult, prune_model, quant_spec
+    from sparsify.pruning import PruneResult, prune_model
     from sparsify.quant.spec import QuantSpec
 
     source = distributed.main_first(resolve, model, cache_dir=cache_dir)
@@ -197,7 +197,7 @@ def _prune(model: str, config: PruneConfig, out: str | Path, *, overwrite: bool,
             from sparsify.distill import distill_model
 
             flat = {n: m for mods in planned.active.values() for n, m in mods.items()}
-            specs = {n: quant_spec(planned.plans[n]) for n in flat} if late_quant else None
+            specs = {n: planned.plans[n].quant_spec for n in flat} if late_quant else None
             distill = distill_model(loaded, flat, result.qparams, config, source, lr=config.distill_lr,
                                     mode=config.distill_mode, specs=specs)
         default_method = registry.get(registry.PRUNERS, config.method, "method")

@@ -45,6 +45,13 @@ class LayerPlan:
         return Scheme.parse(self.scheme)
 
     @property
+    def quant_spec(self):
+        """The `QuantSpec` this layer is rounded to, or None when it is not quantized."""
+        from sparsify.quant.spec import QuantSpec  # imports torch: only when asked
+
+        return QuantSpec.parse(self.quant, self.group_size)
+
+    @property
     def effective_sparsity(self) -> float:
         """The fraction this layer loses (N:M fixes it at 1 - N/M; skipped layers lose nothing)."""
         return 0.0 if self.skip else self.parsed_scheme.target_sparsity(self.sparsity)

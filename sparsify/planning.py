@@ -50,11 +50,10 @@ class Planned:
 def check_layer(p: LayerPlan) -> None:
     """Fail early on an unknown method, a bad quantization or a scheme without a packed format."""
     from sparsify import registry
-    from sparsify.quant.spec import QuantSpec
 
     pruner = registry.get(registry.PRUNERS, p.method, "method")
     method_config(pruner, p.method_args)
-    spec = QuantSpec.parse(p.quant, p.group_size)
+    spec = p.quant_spec
     format_for(p.parsed_scheme)
     if spec is not None and p.parsed_scheme.kind == "block":
         raise UserError(f"{p.module}: block schemes are stored unquantized (bsr): drop the quantization for "
@@ -124,7 +123,6 @@ def estimate_bytes(shape: tuple[int, int], dtype: torch.dtype, p: LayerPlan, row
     from sparsify.formats.base import nbytes
     from sparsify.pruners.masks import apply_mask, mask_for
     from sparsify.quant import rtn
-    from sparsify.quant.spec import QuantSpec
 
     out, inp = shape
     if p.skip:
@@ -134,7 +132,7 @@ def estimate_bytes(shape: tuple[int, int], dtype: torch.dtype, p: LayerPlan, row
     scheme = p.parsed_scheme
     w = apply_mask(w, mask_for(w.float().abs(), scheme, p.sparsity, p.per))
     fmt, options = format_for(scheme)
-    spec = QuantSpec.parse(p.quant, p.group_size)
+    spec = p.quant_spec
     if spec is not None:
         w, params = rtn.fake_quantize(w, spec)
         options = {**options, "quant": params}

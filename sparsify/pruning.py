@@ -18,13 +18,6 @@ from sparsify.plan import LayerPlan
 from sparsify.planning import Planned, method_config
 
 
-def quant_spec(plan: LayerPlan):
-    """The plan's `QuantSpec`, or None when it does not quantize."""
-    from sparsify.quant.spec import QuantSpec
-
-    return QuantSpec.parse(plan.quant, plan.group_size)
-
-
 @dataclass
 class LayerStep:
     """One layer's pruner, method config and quantization; ``__call__(weight, stats)`` -> (new, qparams)."""
@@ -36,7 +29,7 @@ class LayerStep:
     def __post_init__(self):
         self.pruner = registry.get(registry.PRUNERS, self.plan.method, "method")
         self.method_cfg = method_config(self.pruner, self.plan.method_args)
-        self.spec = quant_spec(self.plan) if self.quantize else None
+        self.spec = self.plan.quant_spec if self.quantize else None
 
     def stack_key(self, stats) -> tuple | None:
         """Layers with equal keys are solved as one stacked matrix (see `Pruner.rows_independent`):

@@ -90,6 +90,7 @@ CASES = {
     "plan file missing": (lambda l, t: l, ["--plan", "nope.yaml"], ["--plan", "no such file"]),
     "plan rule typo": (lambda l, t: l, ["--plan", "TYPO"], ["matches no target"]),
     "unknown allocation": (lambda l, t: l, ["--allocation", "owls"], ["owl", "uniform"]),
+    "unknown ecoflap norm": (lambda l, t: l, ["--allocation", "ecoflap", "--allocation-arg", "norm=l3"], ["norm", "l1", "l2"]),
     "unknown allocation option": (lambda l, t: l, ["--allocation", "owl", "--allocation-arg", "lambda=1"], ["lam"]),
     # issue 9: corrupt inputs, options that would do nothing, options this machine cannot honour
     "text file named .safetensors": (_text_as_safetensors, [], ["notes.safetensors", "not a valid .safetensors"]),

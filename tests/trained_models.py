@@ -228,8 +228,11 @@ def zero_shot_accuracy(model, tokenizer, images: torch.Tensor, labels: torch.Ten
     return (logits.argmax(-1) == labels).float().mean().item()  # logits (n, 10)
 
 
-def train_clip(out: Path) -> dict:
-    """Train the digits CLIP and save it (model, tokenizer, preprocessor) at ``out``; returns its record."""
+def train_clip(out: Path, seed: int = SEED) -> dict:
+    """Train the digits CLIP and save it (model, tokenizer, preprocessor) at ``out``; returns its record.
+
+    ``seed`` draws the initial weights, the batch order and the caption templates; the train / held-out split
+    stays the one of ``digits()``, so every seed is evaluated on the same 360 held-out images."""
     import time
 
     import transformers
@@ -240,12 +243,12 @@ def train_clip(out: Path) -> dict:
     threads, start = torch.get_num_threads(), time.perf_counter()
     torch.set_num_threads(CLIP_TRAIN["threads"])
     try:
-        torch.manual_seed(SEED)
+        torch.manual_seed(seed)
         model = transformers.CLIPModel(_clip_config(len(tokenizer)))
         opt = torch.optim.AdamW(model.parameters(), lr=CLIP_TRAIN["lr"], weight_decay=CLIP_TRAIN["weight_decay"])
         steps = CLIP_TRAIN["epochs"] * -(-len(ytr) // CLIP_TRAIN["batch"])
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, CLIP_TRAIN["lr"], total_steps=steps)
-        gen = torch.Generator().manual_seed(SEED)
+        gen = torch.Generator().manual_seed(seed)
         model.train()
         for _ in range(CLIP_TRAIN["epochs"]):
             for idx in torch.randperm(len(ytr), generator=gen).split(CLIP_TRAIN["batch"]):
@@ -267,7 +270,7 @@ def train_clip(out: Path) -> dict:
                   "test_zero_shot_top1": zero_shot_accuracy(model, tokenizer, xte, yte),
                   "template": ZERO_SHOT_TEMPLATE, "classes": list(DIGIT_WORDS), "train_images": len(ytr),
                   "test_images": len(yte), "train_s": round(train_s, 1), "recipe": CLIP_TRAIN,
-                  "train_templates": list(CLIP_TEMPLATES)}
+                  "train_templates": list(CLIP_TEMPLATES), "seed": seed}
     finally:
         torch.set_num_threads(threads)
     model.save_pretrained(out, safe_serialization=True)
@@ -287,9 +290,11 @@ def _clip_key() -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def trained_clip_dir(root: Path | None = None) -> Path:
-    """The cached digits CLIP directory, trained on first use (see the CLIP section's comment)."""
-    return _cached("digits-clip", _clip_key(), train_clip, root)
+def trained_clip_dir(root: Path | None = None, seed: int = SEED) -> Path:
+    """The cached digits CLIP directory, trained on first use (see the CLIP section's comment); other seeds
+    train independent replicas of it (bench/ecoflap_clip.py compares methods over several)."""
+    name = "digits-clip" if seed == SEED else f"digits-clip-seed{seed}"
+    return _cached(name, _clip_key(), lambda out: train_clip(out, seed), root)
 
 
 def write_caption_folder(path: Path, n: int = 64, seed: int = SEED) -> Path:

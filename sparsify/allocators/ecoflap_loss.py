@@ -6,7 +6,8 @@ loss needs the whole batch as one unit.
 
   causal-lm         next-token cross-entropy (mean over the row's attended tokens)
   clip              symmetric image-text contrastive cross-entropy over the unit, with the model's
-                    own logit scale
+                    own logit scale; pairs the dense model cannot tell from the matched pair (within TIE
+                    logits: duplicate captions) count as positives, not as errors
   image-classifier  cross-entropy on ``labels`` when the batch has them, else on the dense model's
                     top-1 class (the hard-target form of "KL to the dense outputs": KL to itself has a
                     zero gradient at the dense weights, so it cannot rank anything)
@@ -24,6 +25,7 @@ from sparsify.errors import UserError
 from sparsify.tensors import to_device
 
 TAU = 0.05  # temperature of the encoders' InfoNCE
+TIE = 1.0  # CLIP: a pair within this many dense logits of the matched pair is a positive (a duplicate caption)
 
 
 def _model_inputs(batch: dict) -> dict:
@@ -33,6 +35,11 @@ def _model_inputs(batch: dict) -> dict:
 def _rows(batch: dict, rows: list[int] | torch.Tensor) -> dict:
     idx = torch.as_tensor(rows, dtype=torch.long)
     return {k: v[idx] if torch.is_tensor(v) and v.dim() else v for k, v in batch.items()}
+
+
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """x in float32 at least (half precision widened; float64 kept, so float64 checks stay exact)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def _embedding(out, batch: dict) -> torch.Tensor:
@@ -88,24 +95,47 @@ class NextToken(Objective):
 
 
 class Contrastive(Objective):
-    per_row = False
-    scale = None  # the model's exp(logit_scale), read at each forward
+    """Symmetric image-text InfoNCE over a unit (a batch), the model's own logit scale, dense ties as positives.
 
-    def losses(self, out, batch, ref, slices, rows):
-        img = F.normalize(out.image_embeds.float(), dim=-1)
-        txt = F.normalize(out.text_embeds.float(), dim=-1)
-        scale = self.scale if self.scale is not None else 1.0
-        result = []
-        for a, b in slices:
-            logits = scale * img[a:b] @ txt[a:b].T  # (n, n)
-            target = torch.arange(b - a, device=logits.device)
-            result.append((F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2)
-        return torch.stack(result)
+    A caption that the dense model scores within ``TIE`` logits of an image's own caption is a positive for
+    that image too (and likewise an image for a caption); the target is uniform over the positives. With
+    unique captions this is the plain CLIP loss. With duplicates ("a handwritten 7" beside "the number
+    seven"; class captions), the plain loss would ask the model to tell apart what it was trained to make
+    equal: its gradient then measures that impossible task instead of how much the weights matter, and
+    the allocation follows it.
+    """
+
+    per_row = False
+    needs_reference = True
+    scale = None  # the model's exp(logit_scale), read at each forward
 
     def forward(self, model, batch):
         ls = getattr(model, "logit_scale", None)
-        self.scale = ls.exp().float() if ls is not None else None
+        self.scale = _wide(ls.exp()) if ls is not None else None
         return model(**_model_inputs(batch), return_loss=False)
+
+    def logits(self, out) -> torch.Tensor:
+        img = F.normalize(_wide(out.image_embeds), dim=-1)
+        txt = F.normalize(_wide(out.text_embeds), dim=-1)
+        return (self.scale if self.scale is not None else 1.0) * img @ txt.T  # (images, captions)
+
+    def reference(self, model, batch):
+        with torch.no_grad():
+            return self.logits(self.forward(model, batch)).detach().cpu()  # (B, B) dense logits
+
+    def losses(self, out, batch, ref, slices, rows):
+        logits = self.logits(out)
+        result = []
+        for a, b in slices:
+            r = rows[a:b]
+            dense = ref[r][:, r].to(logits.device)  # (n, n)
+            own = dense.diagonal()
+            to_text = (dense >= own[:, None] - TIE).float()  # (n, n) image i -> its positive captions
+            to_image = (dense.T >= own[:, None] - TIE).float()  # caption j -> its positive images
+            part = logits[a:b, a:b]
+            result.append((F.cross_entropy(part, to_text / to_text.sum(1, keepdim=True))
+                           + F.cross_entropy(part.T, to_image / to_image.sum(1, keepdim=True))) / 2)
+        return torch.stack(result)
 
 
 class Classification(Objective):

@@ -59,14 +59,15 @@ with torch.inference_mode():
     lm.model(**batches[0])  # warm-up
 t = time.perf_counter(); fast = zeroth_order_scores(lm.model, blocks, groups, objective, batches, exact); fast_s = time.perf_counter() - t
 t = time.perf_counter(); naive = naive_zeroth_order_scores(lm.model, groups, objective, batches, exact); naive_s = time.perf_counter() - t
-t = time.perf_counter(); stop = zeroth_order_scores(lm.model, blocks, groups, objective, batches, ZerothOrder(seed=seed)); stop_s = time.perf_counter() - t
+default = ZerothOrder(seed=seed)
+t = time.perf_counter(); stop = zeroth_order_scores(lm.model, blocks, groups, objective, batches, default); stop_s = time.perf_counter() - t
 rel = max(abs(a - b) / max(abs(b), 1e-12) for g in fast for a, b in zip(fast[g], naive[g]))
 mean = lambda v: sum(v) / len(v)
 print(json.dumps({"groups": [g.name for g in groups], "samples_per_group": len(fast[groups[0].name]),
                   "batched_s": round(fast_s, 4), "naive_s": round(naive_s, 4), "speedup": round(naive_s / fast_s, 3),
                   "max_rel_diff": rel, "scores_batched": {g: mean(v) for g, v in fast.items()},
                   "scores_naive": {g: mean(v) for g, v in naive.items()},
-                  "early_stop": {"rtol": 0.1, "min_samples": 8, "s": round(stop_s, 4),
+                  "early_stop": {"rtol": default.rtol, "min_samples": default.min_samples, "s": round(stop_s, 4),
                                  "speedup_vs_naive": round(naive_s / stop_s, 3),
                                  "samples": {g: len(v) for g, v in stop.items()},
                                  "scores": {g: mean(v) for g, v in stop.items()},

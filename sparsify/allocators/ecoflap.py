@@ -6,8 +6,9 @@ family's own loss (`ecoflap_loss`): ``first`` order (default; real gradients, |G
 matrix's entries and averaged over the passes, or |G * W| with ``weighted``, or ||G||_2 with
 ``norm=l2``) or ``zeroth`` order
 (two-sided random perturbations, forward passes only; `ecoflap_scores`). A group's score is the sum
-of its matrices' scores (a zeroth-order estimate is per group already); ``aggregation=mean`` divides
-it by the group's weight count.
+of its matrices' scores (a zeroth-order estimate is per group already); with ``norm=group`` it is
+the mean over the passes of the Euclidean norm of the whole group's gradient, the quantity a
+zeroth-order draw measures; ``aggregation=mean`` divides it by the group's weight count.
 
 `capped_fill` turns scores into per-group keep counts: the total keep K = (1 - S) N is fixed (S the
 plan's parameter-weighted sparsity over the adjustable layers); every group first keeps
@@ -28,7 +29,7 @@ from pathlib import Path
 from sparsify import progress
 from sparsify.allocators.base import AllocationContext, Allocator
 from sparsify.allocators.ecoflap_loss import objective_for
-from sparsify.allocators.ecoflap_scores import Group, ZerothOrder, first_order_scores, zeroth_order_scores
+from sparsify.allocators.ecoflap_scores import Group, ZerothOrder, first_order_scores, group_norms, zeroth_order_scores
 from sparsify.errors import UserError
 from sparsify.models.layout import block_index
 from sparsify.tables import ALLOCATORS
@@ -44,7 +45,7 @@ class ECoFLaPConfig:
     aggregation: str = "sum"  # sum of the matrices' scores in a group | mean: that sum per weight
     score_samples: int | None = None  # calibration units scored (zeroth: most draws per group); None: all
     weighted: bool = False  # first order: |G * W| instead of |G|
-    norm: str = "l1"  # first order: l1 sums |G| over a matrix's entries; l2 takes ||G||_2 (what zeroth order estimates)
+    norm: str = "l1"  # first order: l1 sums |G| over a matrix's entries; l2 takes ||G||_2; group: ||G||_2 of the whole group
     per_tower: bool = False  # allocate inside each tower with its own budget
     eps: float = 1e-3  # zeroth order: perturbation size
     rtol: float = 0.1  # zeroth order: stop a group once its standard error <= rtol * mean (0: never)
@@ -56,7 +57,7 @@ class ECoFLaPConfig:
 
     def __post_init__(self):
         for key, value, allowed in (("group", self.group, GROUPS), ("score", self.score, ("first", "zeroth")),
-                                    ("aggregation", self.aggregation, ("sum", "mean")), ("norm", self.norm, ("l1", "l2"))):
+                                    ("aggregation", self.aggregation, ("sum", "mean")), ("norm", self.norm, ("l1", "l2", "group"))):
             if value not in allowed:
                 raise UserError(f"ecoflap {key}={value!r}: choose one of {', '.join(allowed)}")
         if self.max_sparsity is not None and not 0 <= self.max_sparsity < 1:
@@ -167,11 +168,14 @@ def allocate(ctx: AllocationContext, config: ECoFLaPConfig):
         scores = saved
     elif config.score == "first":
         with progress.bar("ECoFLaP gradients", total=1) as advance:
-            matrix = first_order_scores(ctx.model, {n: m for g in groups for n, m in g.modules.items()}, objective,
-                                        batches, config.score_samples, config.weighted, config.rows_per_pass, ctx.device,
-                                        config.norm)
+            per_pass = first_order_scores(ctx.model, {n: m for g in groups for n, m in g.modules.items()}, objective,
+                                          batches, config.score_samples, config.weighted, config.rows_per_pass,
+                                          ctx.device, "l2" if config.norm == "group" else config.norm, per_pass=True)
             advance()
-        scores = {g.name: sum(matrix[n] for n in g.modules) for g in groups}
+        if config.norm == "group":
+            scores = group_norms(per_pass, groups)
+        else:
+            scores = {g.name: sum(sum(per_pass[n]) / max(1, len(per_pass[n])) for n in g.modules) for g in groups}
     else:
         settings = ZerothOrder(config.eps, config.score_samples, config.min_samples, config.rtol,
                                config.units_per_pass, config.seed)

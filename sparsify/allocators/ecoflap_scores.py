@@ -199,6 +199,17 @@ def _sample_group(model, layers, g: Group, gi: int, hidden, objective, batches, 
                 break
 
 
+def group_norms(per_pass: dict[str, list[float]], groups: list[Group]) -> dict[str, float]:
+    """{group: mean over the passes of sqrt(sum over its matrices of ||G||_2^2)}: the norm of the whole group's
+    gradient, what one zeroth-order draw over the group measures (up to sqrt(2 / pi)), from per-pass matrix norms."""
+    out = {}
+    for g in groups:
+        passes = zip(*(per_pass[n] for n in g.modules))
+        norms = [math.sqrt(sum(v * v for v in p)) for p in passes]
+        out[g.name] = sum(norms) / max(1, len(norms))
+    return out
+
+
 def naive_zeroth_order_scores(model: nn.Module, groups: list[Group], objective: Objective, batches: list[dict],
                               settings: ZerothOrder, device="cpu") -> dict[str, list[float]]:
     """The reference loop: per group and unit, W += eps z in place, run the whole model, W -= 2 eps z, run, restore."""
@@ -233,11 +244,12 @@ def naive_zeroth_order_scores(model: nn.Module, groups: list[Group], objective: 
 
 def first_order_scores(model: nn.Module, modules: dict[str, nn.Module], objective: Objective, batches: list[dict],
                        samples: int | None = None, weighted: bool = False, rows_per_pass: int = 1,
-                       device="cpu", norm: str = "l1") -> dict[str, float]:
+                       device="cpu", norm: str = "l1", per_pass: bool = False) -> dict[str, float] | dict[str, list[float]]:
     """{matrix: mean over the backward passes of the sum over its entries of |G| (or |G * W|)}.
 
     ``norm="l2"`` takes the Euclidean norm of G (or G * W) instead of the sum of |.|: per matrix, what
-    a zeroth-order estimate measures (up to sqrt(2 / pi)).
+    a zeroth-order estimate measures (up to sqrt(2 / pi)). ``per_pass=True`` returns each pass's value
+    instead of their mean (a group's norm is then combined per pass: `group_norms`).
 
     G is one pass's gradient (``rows_per_pass`` calibration rows, or one unit); the |.| is taken per
     pass before averaging, as ECoFLaP's GradOnly score does per batch, so gradients that change sign
@@ -245,11 +257,11 @@ def first_order_scores(model: nn.Module, modules: dict[str, nn.Module], objectiv
     """
     units = units_of(objective, batches)
     refs = references(model, objective, batches, device)
-    per_pass = max(1, rows_per_pass // max(1, len(units[0][1]))) if units else 1
-    passes = schedule(units, samples if samples is None else min(samples, len(units)), per_pass)
+    units_a_pass = max(1, rows_per_pass // max(1, len(units[0][1]))) if units else 1
+    passes = schedule(units, samples if samples is None else min(samples, len(units)), units_a_pass)
     flags = {p: p.requires_grad for p in model.parameters()}
     params = {n: m.weight for n, m in modules.items()}
-    totals = dict.fromkeys(modules, 0.0)
+    values: dict[str, list[float]] = {n: [] for n in modules}
     try:
         for p in model.parameters():
             p.requires_grad_(False)
@@ -268,12 +280,12 @@ def first_order_scores(model: nn.Module, modules: dict[str, nn.Module], objectiv
                     a += len(unit)
                 objective.losses(result, batch, refs[b], slices, torch.as_tensor(rows)).sum().backward()
                 for name, w in params.items():  # every matrix read before any is cleared (tied weights)
-                    if w.grad is not None:
-                        g = w.grad * w.detach() if weighted else w.grad  # (out, in)
-                        totals[name] += float(g.abs().sum(dtype=torch.float64) if norm == "l1" else g.double().norm())
+                    g = w.grad if w.grad is not None else torch.zeros(())
+                    g = g * w.detach() if weighted and w.grad is not None else g  # (out, in)
+                    values[name].append(float(g.abs().sum(dtype=torch.float64) if norm == "l1" else g.double().norm()))
                 for w in params.values():
                     w.grad = None
-        return {name: total / max(1, len(passes)) for name, total in totals.items()}
+        return values if per_pass else {name: sum(v) / max(1, len(v)) for name, v in values.items()}
     finally:
         for p, flag in flags.items():
             p.grad = None

@@ -12,7 +12,7 @@ from tiny_models import make_tiny
 
 from sparsify.allocators.ecoflap import ECoFLaPConfig, capped_fill
 from sparsify.allocators.ecoflap_loss import objective_for, unit_loss, units_of
-from sparsify.allocators.ecoflap_scores import (Group, ZerothOrder, first_order_scores, naive_zeroth_order_scores,
+from sparsify.allocators.ecoflap_scores import (Group, ZerothOrder, first_order_scores, group_norms, naive_zeroth_order_scores,
                                                  zeroth_order_scores)
 from sparsify.calibrate.batches import calibration_batches
 from sparsify.config import CalibConfig
@@ -201,3 +201,26 @@ def test_every_family_has_a_loss_with_a_gradient(tmp_path, kind):
     assert all(math.isfinite(v) for v in scores.values())
     per_block = {g.name: sum(scores[n] for n in g.modules) for g in groups}
     assert len(per_block) >= 2 and all(v > 0 for v in per_block.values()), per_block
+
+
+def test_group_norm_scores_are_the_norm_of_each_pass_block_gradient(tmp_path):
+    """norm=group: per pass, the Euclidean norm of the whole block's gradient (autograd), then the mean over passes;
+    per-pass values average to the plain scores."""
+    loaded, batches = _load(tmp_path, "llama")
+    model, objective = loaded.model, objective_for("causal-lm")
+    groups = _groups(model)
+    modules = {n: m for g in groups for n, m in g.modules.items()}
+    per_pass = first_order_scores(model, modules, objective, batches, norm="l2", per_pass=True)
+    plain = first_order_scores(model, modules, objective, batches, norm="l2")
+    assert all(sum(v) / len(v) == pytest.approx(plain[n], rel=1e-12) for n, v in per_pass.items())
+    got = group_norms(per_pass, groups)
+    units = units_of(objective, batches)
+    want = {g.name: 0.0 for g in groups}
+    for b, rows in units:
+        loss = unit_loss(model, objective, {k: v.clone() for k, v in batches[b].items()}, None, rows, "cpu")
+        for g in groups:
+            grads = torch.autograd.grad(loss, [m.weight for m in g.modules.values()], retain_graph=True)
+            want[g.name] += math.sqrt(sum(float((x * x).sum()) for x in grads)) / len(units)
+    for g in groups:
+        assert got[g.name] == pytest.approx(want[g.name], rel=1e-6)
+        assert got[g.name] < sum(plain[n] for n in g.modules)  # a norm, not the sum of the matrices' norms

@@ -1,0 +1,143 @@
+"""How many zeroth-order draws ECoFLaP's allocation needs: perplexity of Wanda pruned with fewer and fewer draws.
+
+A zeroth-order draw |L(W + eps z) - L(W - eps z)| / (2 eps) is half-normal around the group's gradient norm (a
+coefficient of variation of 0.76), so a score of n draws has a relative standard error of about 0.76 / sqrt(n): 13% at
+the 32 draws of the reference protocol, 27% at 8. The early stop (`rtol`) trades that precision for time. This script
+measures what the trade costs: it draws every block group's values once (SmolLM2-135M, the reference protocol's
+calibration set, 32 draws per group, no early stop) and then, without drawing again, scores every group from
+
+  - its first N draws (``--draws``), what ``--score-samples N --allocation-arg rtol=0`` computes;
+  - the draws the early stop keeps at each ``--rtols`` value (the same prefix rule as `zeroth_order_scores`);
+
+writes each set of scores in the scores-file format, prunes with uniform Wanda and with ECoFLaP(Wanda) reading them
+(``--allocation-arg scores_file=...``, S_max = S + ``--max-offset``) at each target, and evaluates held-out
+perplexity. Each row also has the draws it used (``draw_fraction``: of every draw). What the draws cost in time, and
+how that compares with the naive loop, is bench/ecoflap.py's zeroth-order timing, on a quiet machine.
+
+    python bench/ecoflap_draws.py                 # the committed run (bench/results/ecoflap_draws_smollm2.json)
+    python bench/ecoflap_draws.py --values /tmp/v.json   # reuse (or write) the drawn values
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality import print_table, protocol, protocol_parser, sparsify, write_results  # noqa: E402
+
+
+def draw_values(args) -> dict:
+    """{"values": {group: [draws]}, "draws", "seed"} of every block group, no early stop."""
+    import torch
+
+    from sparsify.allocators.ecoflap_loss import objective_for
+    from sparsify.allocators.ecoflap_scores import Group, ZerothOrder, zeroth_order_scores
+    from sparsify.calibrate.batches import calibration_batches
+    from sparsify.config import CalibConfig
+    from sparsify.models.layout import find_blocks, find_targets
+    from sparsify.models.load import load_model, resolve
+
+    lm = load_model(resolve(args.model), dtype="float32")
+    batches = calibration_batches(lm, CalibConfig(source="builtin", samples=args.samples, seq_len=args.seq_len,
+                                                  seed=args.seed, batch_size=8))
+    blocks = find_blocks(lm.model)
+    targets = find_targets(lm.model)
+    groups = [Group(name, {n: lm.model.get_submodule(n) for n in names}, name.rpartition(".")[0],
+                    int(name.rpartition(".")[2])) for name, names in targets.items()]
+    settings = ZerothOrder(samples=args.max_draws, rtol=0.0, seed=args.seed)
+    with torch.inference_mode():
+        values = zeroth_order_scores(lm.model, blocks, groups, objective_for(lm.family.name), batches, settings)
+    return {"values": values, "draws": args.max_draws, "seed": args.seed}
+
+
+def stopped(values: list[float], rtol: float, min_samples: int) -> list[float]:
+    """The prefix of ``values`` the early stop keeps (checked after every draw, as with one unit per pass)."""
+    from sparsify.allocators.ecoflap_scores import converged
+
+    for n in range(1, len(values) + 1):
+        if converged(values[:n], min_samples, rtol):
+            return values[:n]
+    return values
+
+
+def rules(drawn: dict, draws: list[int], rtols: list[float]) -> list[tuple[str, dict, dict[str, list[float]]]]:
+    """(label, ECoFLaP options that would compute these scores, {group: the draws used})."""
+    values = drawn["values"]
+    out = [(f"draws={n}", {"score_samples": n, "rtol": 0.0}, {g: v[:n] for g, v in values.items()}) for n in draws]
+    out += [(f"rtol={r}", {"score_samples": drawn["draws"], "rtol": r}, {g: stopped(v, r, 8) for g, v in values.items()})
+            for r in rtols]
+    return out
+
+
+def main() -> None:
+    ap = protocol_parser(__doc__)
+    ap.add_argument("--sparsities", default="0.6,0.7")
+    ap.add_argument("--draws", default="8,16,32")
+    ap.add_argument("--rtols", default="0.1,0.2")
+    ap.add_argument("--max-draws", type=int, default=32)
+    ap.add_argument("--max-offset", type=float, default=0.2, help="S_max = target + this")
+    ap.add_argument("--values", default=None, help="JSON of drawn values: read when it exists, else written")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    out_json, calib, ev = protocol(args, "ecoflap_draws")
+    from sparsify.allocators.ecoflap import ECoFLaPConfig, scores_key
+
+    if args.values and Path(args.values).is_file():
+        drawn = json.loads(Path(args.values).read_text())
+    else:
+        drawn = draw_values(args)
+        if args.values:
+            Path(args.values).write_text(json.dumps(drawn))
+    every = sum(len(v) for v in drawn["values"].values())
+    dense = sparsify("eval", args.model, *ev)["perplexity"]
+    rows = []
+    result = {"model": args.model, "calibration": {"source": "builtin", "samples": args.samples,
+                                                   "seq_len": args.seq_len, "seed": args.seed},
+              "evaluation": {"seq_len": args.seq_len, "windows": dense["windows"], "tokens": dense["tokens"]},
+              "dense_perplexity": dense["perplexity"], "max_offset": args.max_offset, "drawn": drawn, "rows": rows}
+    with tempfile.TemporaryDirectory() as tmp:
+        for s in (float(x) for x in args.sparsities.split(",")):
+            out = Path(tmp) / f"uniform-{s}"
+            m = sparsify("prune", args.model, "--method", "wanda", "--sparsity", str(s), "-o", str(out), *calib)
+            uniform = sparsify("eval", str(out), *ev, "--no-baseline")["perplexity"]["perplexity"]
+            shutil.rmtree(out)
+            rows.append({"sparsity_target": s, "rule": "uniform", "perplexity": uniform, "ratio_vs_uniform": 1.0,
+                         "global_sparsity": m["totals"]["sparsity"]})
+            for label, options, used in rules(drawn, [int(x) for x in args.draws.split(",")],
+                                              [float(x) for x in args.rtols.split(",") if x]):
+                config = ECoFLaPConfig(score="zeroth", seed=args.seed, **options)
+                scores = Path(tmp) / f"scores-{label}.json"
+                scores.write_text(json.dumps({"key": scores_key(config),
+                                              "scores": {g: sum(v) / len(v) for g, v in used.items()}}))
+                out = Path(tmp) / f"{label}-{s}"
+                m = sparsify("prune", args.model, "--method", "wanda", "--sparsity", str(s), "--allocation", "ecoflap",
+                             "--score", "zeroth", "--score-samples", str(options["score_samples"]),
+                             "--allocation-arg", f"rtol={options['rtol']}", "--allocation-arg", f"seed={args.seed}",
+                             "--allocation-arg", f"scores_file={scores}",
+                             "--max-sparsity", str(round(s + args.max_offset, 4)), "-o", str(out), *calib)
+                ppl = sparsify("eval", str(out), *ev, "--no-baseline")["perplexity"]["perplexity"]
+                shutil.rmtree(out)
+                n = sum(len(v) for v in used.values())
+                rows.append({"sparsity_target": s, "rule": label, "perplexity": ppl,
+                             "ratio_vs_uniform": round(ppl / uniform, 4), "global_sparsity": m["totals"]["sparsity"],
+                             "draws": n, "draws_per_group": round(n / len(used), 2),
+                             "draw_fraction": round(n / every, 4),
+                             "block_sparsity": {g: round(v["sparsity"], 4) for g, v in m["allocation"]["groups"].items()}})
+                print(json.dumps({k: v for k, v in rows[-1].items() if k != "block_sparsity"}), file=sys.stderr)
+                write_results(out_json, result)
+    write_results(out_json, result)
+    for r in rows:
+        r.setdefault("draws_per_group", float("nan"))
+        r.setdefault("draw_fraction", float("nan"))
+    print(f"dense perplexity {dense['perplexity']:.2f}; {every} draws in all")
+    print_table(rows, [("target", "sparsity_target", 6, ".2f"), ("rule", "rule", 10, ""), ("ppl", "perplexity", 9, ".2f"),
+                       ("vs uniform", "ratio_vs_uniform", 10, ".3f"), ("draws/group", "draws_per_group", 11, ".1f"),
+                       ("of all", "draw_fraction", 6, ".2f")])
+    print(f"results -> {out_json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -280,8 +280,10 @@ def first_order_scores(model: nn.Module, modules: dict[str, nn.Module], objectiv
                     a += len(unit)
                 objective.losses(result, batch, refs[b], slices, torch.as_tensor(rows)).sum().backward()
                 for name, w in params.items():  # every matrix read before any is cleared (tied weights)
-                    g = w.grad if w.grad is not None else torch.zeros(())
-                    g = g * w.detach() if weighted and w.grad is not None else g  # (out, in)
+                    if w.grad is None:  # no path from this pass's loss to the matrix
+                        values[name].append(0.0)
+                        continue
+                    g = w.grad * w.detach() if weighted else w.grad  # (out, in)
                     values[name].append(float(g.abs().sum(dtype=torch.float64) if norm == "l1" else g.double().norm()))
                 for w in params.values():
                     w.grad = None

@@ -18,7 +18,8 @@ Zeroth-order speed (``--zo-blocks``, a subset of the block groups, on the first 
 calibration sequences): the batched, cached estimator against the naive loop (weights perturbed in
 place, the whole model run twice per sequence), same directions, no early stop (so both draw the same
 samples), in one fresh process; reports both wall times, their ratio and the largest relative
-difference of the estimates; then the batched estimator once more with its default early stop.
+difference of the estimates; then the batched estimator once more with its default early stop (``--zo-rtol``
+to choose another; `sparsify/allocators/ecoflap_stop.py`), with the draws each group took and the first group's pilot.
 
     python bench/ecoflap.py                                   # the committed run
     python bench/ecoflap.py --variants ''                     # only the zeroth-order timing
@@ -41,11 +42,13 @@ ZO_CODE = """
 import json, sys, time, torch
 from sparsify.allocators.ecoflap_loss import objective_for
 from sparsify.allocators.ecoflap_scores import Group, ZerothOrder, naive_zeroth_order_scores, zeroth_order_scores
+from sparsify.allocators.ecoflap_stop import Pool
 from sparsify.calibrate.batches import calibration_batches
 from sparsify.config import CalibConfig
 from sparsify.models.layout import find_blocks, find_targets
 from sparsify.models.load import load_model, resolve
 model, samples, seq_len, seed, picks = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+rtol = float(sys.argv[6]) if sys.argv[6] else ZerothOrder().rtol
 lm = load_model(resolve(model), dtype="float32")
 batches = calibration_batches(lm, CalibConfig(source="builtin", samples=samples, seq_len=seq_len, seed=seed, batch_size=8))
 blocks = find_blocks(lm.model)
@@ -59,8 +62,8 @@ with torch.inference_mode():
     lm.model(**batches[0])  # warm-up
 t = time.perf_counter(); fast = zeroth_order_scores(lm.model, blocks, groups, objective, batches, exact); fast_s = time.perf_counter() - t
 t = time.perf_counter(); naive = naive_zeroth_order_scores(lm.model, groups, objective, batches, exact); naive_s = time.perf_counter() - t
-default = ZerothOrder(seed=seed)
-t = time.perf_counter(); stop = zeroth_order_scores(lm.model, blocks, groups, objective, batches, default); stop_s = time.perf_counter() - t
+default, pool = ZerothOrder(rtol=rtol, seed=seed), Pool()
+t = time.perf_counter(); stop = zeroth_order_scores(lm.model, blocks, groups, objective, batches, default, pool=pool); stop_s = time.perf_counter() - t
 rel = max(abs(a - b) / max(abs(b), 1e-12) for g in fast for a, b in zip(fast[g], naive[g]))
 mean = lambda v: sum(v) / len(v)
 print(json.dumps({"groups": [g.name for g in groups], "samples_per_group": len(fast[groups[0].name]),
@@ -69,15 +72,16 @@ print(json.dumps({"groups": [g.name for g in groups], "samples_per_group": len(f
                   "scores_naive": {g: mean(v) for g, v in naive.items()},
                   "early_stop": {"rtol": default.rtol, "min_samples": default.min_samples, "s": round(stop_s, 4),
                                  "speedup_vs_naive": round(naive_s / stop_s, 3),
-                                 "samples": {g: len(v) for g, v in stop.items()},
+                                 "samples": {g: len(v) for g, v in stop.items()}, "pilot_draws": len(pool.pilot),
+                                 "pooled_cv": pool.cv,
                                  "scores": {g: mean(v) for g, v in stop.items()},
                                  "max_rel_diff_vs_every_sample": max(abs(mean(stop[g]) - mean(v)) / max(abs(mean(v)), 1e-12)
                                                                      for g, v in fast.items())}}))
 """
 
 
-def zeroth_order_timing(model: str, samples: int, seq_len: int, seed: int, blocks: str) -> dict:
-    proc = subprocess.run([sys.executable, "-c", ZO_CODE, model, str(samples), str(seq_len), str(seed), blocks],
+def zeroth_order_timing(model: str, samples: int, seq_len: int, seed: int, blocks: str, rtol: str = "") -> dict:
+    proc = subprocess.run([sys.executable, "-c", ZO_CODE, model, str(samples), str(seq_len), str(seed), blocks, rtol],
                           capture_output=True, text=True, env={**os.environ, "SPARSIFY_PROGRESS": "0"})
     if proc.returncode:
         raise SystemExit(f"zeroth-order timing failed:\n{proc.stderr[-3000:]}")
@@ -128,6 +132,7 @@ def main() -> None:
     ap.add_argument("--zo-blocks", default="0,10,20,29", help="block groups timed zeroth order ('' to skip)")
     ap.add_argument("--zo-samples", type=int, default=32, help="calibration sequences of the zeroth-order timing "
                                                                 "(the reference scripts score 32; the early stop needs more than 8)")
+    ap.add_argument("--zo-rtol", default="", help="early stop of the zeroth-order timing's last run (default: ZerothOrder's)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     out_json, calib, ev = protocol(args, "ecoflap")
@@ -169,7 +174,7 @@ def main() -> None:
     write_results(out_json, result)  # the rows survive a failure of the timing below
     if args.zo_blocks:
         result["zeroth_order_timing"] = zeroth_order_timing(args.model, args.zo_samples, args.seq_len, args.seed,
-                                                            args.zo_blocks)
+                                                            args.zo_blocks, args.zo_rtol)
         write_results(out_json, result)
     print(f"dense perplexity {dense['perplexity']:.2f}")
     print(f"{'target':>6} {'variant':<40} {'ppl':>9} {'vs uniform':>10} {'vs owl':>7} {'sparsity':>9} "

@@ -30,6 +30,7 @@ from sparsify import progress
 from sparsify.allocators.base import AllocationContext, Allocator
 from sparsify.allocators.ecoflap_loss import objective_for
 from sparsify.allocators.ecoflap_scores import Group, ZerothOrder, first_order_scores, group_norms, zeroth_order_scores
+from sparsify.allocators.ecoflap_stop import Pool
 from sparsify.errors import UserError
 from sparsify.models.layout import block_index
 from sparsify.tables import ALLOCATORS
@@ -48,8 +49,8 @@ class ECoFLaPConfig:
     norm: str = "l1"  # first order: l1 sums |G| over a matrix's entries; l2 takes ||G||_2; group: ||G||_2 of the whole group
     per_tower: bool = False  # allocate inside each tower with its own budget
     eps: float = 1e-3  # zeroth order: perturbation size
-    rtol: float = 0.1  # zeroth order: stop a group once its standard error <= rtol * mean (0: never)
-    min_samples: int = 8  # zeroth order: draws before the stop rule applies
+    rtol: float = 0.2  # zeroth order: draws for a relative standard error of about rtol (`ecoflap_stop`; 0: all)
+    min_samples: int = 8  # zeroth order: the fewest draws of a group, and the first group's pilot
     units_per_pass: int = 1  # zeroth order: units (each with its own direction) per batched +-eps pass
     rows_per_pass: int = 1  # first order: calibration rows per backward pass (|G| is taken per pass)
     seed: int = 0
@@ -163,6 +164,7 @@ def allocate(ctx: AllocationContext, config: ECoFLaPConfig):
         raise UserError("--allocation ecoflap needs calibration data: drop --calib none or choose another allocation")
     t0 = time.perf_counter()
     samples: dict[str, int] = {}
+    drawn: dict = {}
     saved = read_scores(config, groups)
     if saved is not None:
         scores = saved
@@ -179,10 +181,13 @@ def allocate(ctx: AllocationContext, config: ECoFLaPConfig):
     else:
         settings = ZerothOrder(config.eps, config.score_samples, config.min_samples, config.rtol,
                                config.units_per_pass, config.seed)
+        pool = Pool()
         with progress.bar("ECoFLaP perturbations", total=len(groups)) as advance:
-            values = zeroth_order_scores(ctx.model, ctx.blocks, groups, objective, batches, settings, ctx.device, advance)
+            values = zeroth_order_scores(ctx.model, ctx.blocks, groups, objective, batches, settings, ctx.device, advance,
+                                         pool)
         scores = {g: sum(v) / max(1, len(v)) for g, v in values.items()}
         samples = {g: len(v) for g, v in values.items()}
+        drawn = {"pilot_draws": len(pool.pilot), "pooled_cv": pool.cv}
     if config.aggregation == "mean" and saved is None:
         scores = {g.name: scores[g.name] / numel[g.name] for g in groups}
     score_s = time.perf_counter() - t0
@@ -204,7 +209,7 @@ def allocate(ctx: AllocationContext, config: ECoFLaPConfig):
             plans[name] = plans[name].with_sparsity(sparsity[g.name])
     info = {"target": target, "max_sparsity": s_max, "score_kind": config.score, "group": config.group,
             "loss": type(objective).__name__, "score_s": round(score_s, 2),
-            **({"scores_from": config.scores_file} if saved is not None else {}),
+            **({"scores_from": config.scores_file} if saved is not None else {}), **drawn,
             "groups": {g.name: {"score": scores[g.name], "sparsity": sparsity[g.name], "keep": keep[g.name],
                                 "numel": numel[g.name], "matrices": len(g.modules),
                                 **({"samples": samples[g.name]} if samples else {})} for g in groups}}

@@ -15,11 +15,12 @@ sqrt(2 / pi) ||g_u||, the gradient norm of the group. The score is the mean over
     block (`calibrate.capture` + `runner.forward_block`); blocks before it are skipped (their forward
     returns the cached input of the group's block), so a pass costs only the blocks from there on,
     plus the model's embeddings and head;
-  - +eps and -eps in one batched pass: the rows of a unit appear twice in one forward, and a hook on
-    each of the group's matrices adds +eps x z^T to the first copy's output and -eps x z^T to the
-    second's (x W^T +- eps x z^T = x (W +- eps z)^T), several units per pass, each with its own z;
-  - early stop: a group stops drawing once the standard error of its mean is below ``rtol`` times the
-    mean (after ``min_samples``); checked after every pass, by both implementations alike.
+  - +eps and -eps in one batched pass: the rows of a unit appear twice in one forward, and each of the
+    group's matrices computes x (W + eps z)^T for the first copy and x (W - eps z)^T for the second
+    (`perturbed`), several units per pass, each with its own z;
+  - early stop: each group's draw count is fixed before its first draw, from the spread of the groups
+    scored before it (`ecoflap_stop`: unbiased, unlike stopping on a group's own draws); both
+    implementations use the same rule.
 For the same seed both implementations draw the same directions for the same units, so their estimates
 agree to floating-point rounding (tests/unit/test_ecoflap.py checks it in float64).
 """
@@ -33,9 +34,10 @@ import torch
 from torch import nn
 
 from sparsify.allocators.ecoflap_loss import Objective, _rows, unit_loss, units_of
+from sparsify.allocators.ecoflap_stop import Pool, planned_draws
 from sparsify.calibrate.capture import Call, capture, patched_forwards, with_hidden
 from sparsify.calibrate.runner import forward_block
-from sparsify.models.targets import weight_of
+from sparsify.models.targets import layout_of, weight_of
 from sparsify.tensors import to_device
 
 
@@ -53,8 +55,8 @@ class Group:
 class ZerothOrder:
     eps: float = 1e-3
     samples: int | None = None  # most units drawn per group (None: one per calibration unit)
-    min_samples: int = 8
-    rtol: float = 0.1  # stop when standard error <= rtol * mean; 0: never stop early
+    min_samples: int = 8  # the fewest draws of a group, and the first group's pilot (`ecoflap_stop`)
+    rtol: float = 0.2  # draw until the relative standard error is about rtol (`ecoflap_stop`); 0: every draw
     units_per_pass: int = 1  # 1: one unit's +eps and -eps copies per pass (more rows per pass ran slower per row on CPU)
     seed: int = 0
 
@@ -78,11 +80,10 @@ def direction(seed: int, group: int, sample: int, shapes: list[tuple[int, ...]])
     return [torch.randn(s, generator=g) for s in shapes]
 
 
-def schedule(units: list, samples: int | None, per_pass: int) -> list[list[tuple[int, int, list[int]]]]:
+def schedule(units: list, samples: range, per_pass: int) -> list[list[tuple[int, int, list[int]]]]:
     """Passes of at most ``per_pass`` (sample index, batch, rows), a pass never mixing batches; units cycle."""
-    total = len(units) if samples is None else samples
     passes, current = [], []
-    for s in range(total):
+    for s in samples:
         b, rows = units[s % len(units)]
         if current and (len(current) == per_pass or current[-1][1] != b):
             passes.append(current)
@@ -91,20 +92,18 @@ def schedule(units: list, samples: int | None, per_pass: int) -> list[list[tuple
     return passes + ([current] if current else [])
 
 
-def converged(values: list[float], min_samples: int, rtol: float) -> bool:
-    n = len(values)
-    if rtol <= 0 or n < max(2, min_samples):
-        return False
-    mean = sum(values) / n
-    var = sum((v - mean) ** 2 for v in values) / (n - 1)
-    return mean == 0 or math.sqrt(var / n) <= rtol * mean
-
-
 def references(model, objective: Objective, batches: list[dict], device) -> list:
     if not objective.needs_reference:
         return [None] * len(batches)
     with torch.no_grad():  # ordinary tensors: first-order losses keep them for backward
         return [objective.reference(model, to_device(b, device)) for b in batches]
+
+
+def in_scoring_order(groups: list[Group]) -> list[Group]:
+    """Towers in order of first appearance, blocks in order inside each: the order both estimators draw in
+    (it decides which groups' spread fixes each group's draw count, `ecoflap_stop`)."""
+    towers = list(dict.fromkeys(g.tower for g in groups))
+    return sorted(groups, key=lambda g: (towers.index(g.tower), g.start))
 
 
 @contextmanager
@@ -133,51 +132,76 @@ def start_at(layers: nn.ModuleList, k: int, holder: dict):
         yield
 
 
-def perturb_hooks(modules: list[nn.Module], dirs: list[list[torch.Tensor]], rows: int, eps: float):
-    """Hooks adding +eps x z^T to unit j's first copy of rows and -eps x z^T to its second copy."""
-    def make(i):
-        def hook(_m, inputs, out):
-            x = inputs[0]
-            for j, zs in enumerate(dirs):
-                z = zs[i].to(device=x.device, dtype=x.dtype)  # (out, in)
-                for sign, a in ((1.0, 2 * j * rows), (-1.0, (2 * j + 1) * rows)):
-                    out[a:a + rows] += (sign * eps) * (x[a:a + rows] @ z.T)
-            return out
-        return hook
-    return [m.register_forward_hook(make(i)) for i, m in enumerate(modules)]
+@contextmanager
+def perturbed(modules: list[nn.Module], dirs: list[list[torch.Tensor]], rows: int, eps: float):
+    """Each module runs unit j's first copy of rows with weight W + eps z and its second with W - eps z.
+
+    One matmul per copy, with the same arithmetic as the naive loop's in-place W + eps z (a hook adding
+    eps x z^T to the dense output would cost a second matmul); the parameter's storage is never written:
+    ``.data`` points at the perturbed weight for the call and at the original after it.
+    """
+    def make(i: int, m: nn.Module):
+        real, param = m.forward, m.weight
+        conv1d = layout_of(m) == "conv1d"
+
+        def forward(x, *args, **kwargs):
+            original, outs = param.data, []
+            w = original.T if conv1d else original  # (out, in)
+            try:
+                for j, zs in enumerate(dirs):
+                    z = zs[i].to(device=w.device, dtype=w.dtype)  # (out, in)
+                    for sign, a in ((1.0, 2 * j * rows), (-1.0, (2 * j + 1) * rows)):
+                        moved = w + (sign * eps) * z
+                        param.data = moved.T.contiguous() if conv1d else moved
+                        outs.append(real(x[a:a + rows], *args, **kwargs))
+            finally:
+                param.data = original
+            return torch.cat(outs)
+        return forward
+    with patched_forwards(modules, [make(i, m) for i, m in enumerate(modules)]):
+        yield
 
 
 def zeroth_order_scores(model: nn.Module, blocks: list, groups: list[Group], objective: Objective,
-                        batches: list[dict], settings: ZerothOrder, device="cpu", progress=None) -> dict[str, list[float]]:
-    """{group: the |L+ - L-| / (2 eps) values drawn}, with cached block inputs and batched +-eps passes."""
+                        batches: list[dict], settings: ZerothOrder, device="cpu", progress=None,
+                        pool: Pool | None = None) -> dict[str, list[float]]:
+    """{group: the |L+ - L-| / (2 eps) values drawn}, with cached block inputs and batched +-eps passes.
+
+    ``pool`` (filled here) ends with the spread of every draw and the first group's pilot draws (`ecoflap_stop`).
+    """
     units = units_of(objective, batches)
     refs = references(model, objective, batches, device)
-    passes = schedule(units, settings.samples, settings.units_per_pass)
-    values: dict[str, list[float]] = {g.name: [] for g in groups}
+    most = len(units) if settings.samples is None else settings.samples
+    pool = Pool() if pool is None else pool
+    values: dict[str, list[float]] = {}
     index = {g.name: i for i, g in enumerate(groups)}
+    towers, order = dict(blocks), in_scoring_order(groups)
     with no_kv_cache(model), torch.inference_mode():
-        for prefix, layers in blocks:
-            mine = sorted((g for g in groups if g.tower == prefix), key=lambda g: g.start)
-            if not mine:
-                continue
+        for prefix in dict.fromkeys(g.tower for g in order):
+            layers = towers[prefix]
+            mine = [g for g in order if g.tower == prefix]
             hidden, calls = capture(model, layers, batches, device, "cpu")
             k = 0
             for g in mine:
                 while k < g.start:
                     hidden = forward_block(layers[k], f"{prefix}.{k}", hidden, calls[k], device, "cpu", keep=True)
                     k += 1
-                _sample_group(model, layers, g, index[g.name], hidden, objective, batches, refs, passes, settings,
-                              device, values[g.name])
+
+                def draw(samples: range, g=g) -> list[float]:
+                    return _sample_group(model, layers, g, index[g.name], hidden, objective, batches, refs,
+                                         schedule(units, samples, settings.units_per_pass), settings, device)
+                values[g.name] = planned_draws(draw, pool, settings.rtol, settings.min_samples, most)
                 if progress:
                     progress()
-    return values
+    return {g.name: values[g.name] for g in groups}
 
 
-def _sample_group(model, layers, g: Group, gi: int, hidden, objective, batches, refs, passes, settings, device,
-                  out: list[float]) -> None:
+def _sample_group(model, layers, g: Group, gi: int, hidden, objective, batches, refs, passes, settings,
+                  device) -> list[float]:
     modules = list(g.modules.values())
     shapes = [tuple(weight_of(m).shape) for m in modules]
     holder: dict = {}
+    out: list[float] = []
     with start_at(layers, g.start, holder):
         for p in passes:
             b, rows = p[0][1], len(p[0][2])
@@ -186,17 +210,12 @@ def _sample_group(model, layers, g: Group, gi: int, hidden, objective, batches, 
             if g.start:
                 holder["hidden"] = hidden[b][torch.as_tensor(pass_rows)].to(device)
             dirs = [direction(settings.seed, gi, s, shapes) for s, _, _ in p]
-            handles = perturb_hooks(modules, dirs, rows, settings.eps)
-            try:
+            with perturbed(modules, dirs, rows, settings.eps):
                 result = objective.forward(model, batch)
-            finally:
-                for h in handles:
-                    h.remove()
             slices = [(a, a + rows) for a in range(0, len(pass_rows), rows)]
             losses = objective.losses(result, batch, refs[b], slices, torch.as_tensor(pass_rows)).double().cpu()
             out += [abs(float(losses[2 * j] - losses[2 * j + 1])) / (2 * settings.eps) for j in range(len(p))]
-            if converged(out, settings.min_samples, settings.rtol):
-                break
+    return out
 
 
 def group_norms(per_pass: dict[str, list[float]], groups: list[Group]) -> dict[str, float]:
@@ -215,31 +234,35 @@ def naive_zeroth_order_scores(model: nn.Module, groups: list[Group], objective: 
     """The reference loop: per group and unit, W += eps z in place, run the whole model, W -= 2 eps z, run, restore."""
     units = units_of(objective, batches)
     refs = references(model, objective, batches, device)
-    passes = schedule(units, settings.samples, settings.units_per_pass)
-    values: dict[str, list[float]] = {g.name: [] for g in groups}
+    most = len(units) if settings.samples is None else settings.samples
+    pool = Pool()
+    values: dict[str, list[float]] = {}
+    index = {g.name: i for i, g in enumerate(groups)}
     with no_kv_cache(model), torch.inference_mode():
-        for gi, g in enumerate(groups):
+        for g in in_scoring_order(groups):
+            gi = index[g.name]
             weights = [weight_of(m) for m in g.modules.values()]
             saved = [w.clone() for w in weights]
             shapes = [tuple(w.shape) for w in weights]
+
+            def draw(samples: range, gi=gi, weights=weights, saved=saved, shapes=shapes) -> list[float]:
+                out = []
+                for s in samples:
+                    b, rows = units[s % len(units)]
+                    dirs = direction(settings.seed, gi, s, shapes)
+                    loss = {}
+                    for sign in (1.0, -1.0):
+                        for w, w0, z in zip(weights, saved, dirs):
+                            w.copy_(w0 + (sign * settings.eps) * z.to(device=w0.device, dtype=w0.dtype))
+                        loss[sign] = float(unit_loss(model, objective, batches[b], refs[b], rows, device))
+                    out.append(abs(loss[1.0] - loss[-1.0]) / (2 * settings.eps))
+                return out
             try:
-                for p in passes:
-                    for s, b, rows in p:
-                        dirs = direction(settings.seed, gi, s, shapes)
-                        loss = {}
-                        for sign in (1.0, -1.0):
-                            for w, w0, z in zip(weights, saved, dirs):
-                                w.copy_(w0 + (sign * settings.eps) * z.to(device=w0.device, dtype=w0.dtype))
-                            loss[sign] = float(unit_loss(model, objective, batches[b], refs[b], rows, device))
-                        values[g.name].append(abs(loss[1.0] - loss[-1.0]) / (2 * settings.eps))
-                    for w, w0 in zip(weights, saved):
-                        w.copy_(w0)
-                    if converged(values[g.name], settings.min_samples, settings.rtol):
-                        break
+                values[g.name] = planned_draws(draw, pool, settings.rtol, settings.min_samples, most)
             finally:
                 for w, w0 in zip(weights, saved):
                     w.copy_(w0)
-    return values
+    return {g.name: values[g.name] for g in groups}
 
 
 def first_order_scores(model: nn.Module, modules: dict[str, nn.Module], objective: Objective, batches: list[dict],
@@ -258,7 +281,7 @@ def first_order_scores(model: nn.Module, modules: dict[str, nn.Module], objectiv
     units = units_of(objective, batches)
     refs = references(model, objective, batches, device)
     units_a_pass = max(1, rows_per_pass // max(1, len(units[0][1]))) if units else 1
-    passes = schedule(units, samples if samples is None else min(samples, len(units)), units_a_pass)
+    passes = schedule(units, range(len(units) if samples is None else min(samples, len(units))), units_a_pass)
     flags = {p: p.requires_grad for p in model.parameters()}
     params = {n: m.weight for n, m in modules.items()}
     values: dict[str, list[float]] = {n: [] for n in modules}

@@ -63,7 +63,8 @@ def test_ecoflap_zeroth_order_per_matrix_with_the_flags(llama, tmp_path):
     a = m["allocation"]
     assert a["options"]["max_sparsity"] == 0.75 and a["options"]["score_samples"] == 6 and a["options"]["seed"] == 1
     groups = a["groups"]
-    assert len(groups) == 14 and all(g["matrices"] == 1 and 1 <= g["samples"] <= 6 for g in groups.values())
+    assert len(groups) == 14 and all(g["matrices"] == 1 and g["samples"] == 6 for g in groups.values())
+    assert a["pilot_draws"] == 0 and a["pooled_cv"] > 0  # 6 units, fewer than (0.756 / 0.2)^2 = 15: no pilot, every draw
     assert all(g["sparsity"] <= 0.75 + 1e-9 for g in groups.values())
     assert sum(g["keep"] for g in groups.values()) == round(0.4 * sum(g["numel"] for g in groups.values()))
     assert json.loads(scores.read_text())["scores"] == {k: g["score"] for k, g in groups.items()}

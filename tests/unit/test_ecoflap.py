@@ -110,8 +110,8 @@ def test_batched_cached_zeroth_order_equals_the_naive_loop(tmp_path, kind, per):
     model, objective = loaded.model, objective_for(loaded.family.name)
     groups = _groups(model, per)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    # the second run stops as soon as it may (rtol 10: any estimate with 2 draws has converged), so it must
-    # draw fewer units than the first, whatever the data's variance
+    # the second run stops as soon as it may (rtol 10: every group draws min_samples = 2, the first after a
+    # pilot of 2), so it must draw fewer units than the first, whatever the data's variance
     for settings in (ZerothOrder(rtol=0.0, seed=3, units_per_pass=3), ZerothOrder(rtol=10.0, min_samples=2, seed=3)):
         fast = zeroth_order_scores(model, find_blocks(model), groups, objective, batches, settings)
         naive = naive_zeroth_order_scores(model, groups, objective, batches, settings)

@@ -29,7 +29,8 @@ from pathlib import Path
 from sparsify import progress
 from sparsify.allocators.base import AllocationContext, Allocator
 from sparsify.allocators.ecoflap_loss import objective_for
-from sparsify.allocators.ecoflap_scores import Group, ZerothOrder, first_order_scores, group_norms, zeroth_order_scores
+from sparsify.allocators.ecoflap_grads import first_order_scores, group_norms
+from sparsify.allocators.ecoflap_scores import Group, ZerothOrder, zeroth_order_scores
 from sparsify.allocators.ecoflap_stop import Pool
 from sparsify.errors import UserError
 from sparsify.models.layout import block_index

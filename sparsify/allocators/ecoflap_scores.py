@@ -1,11 +1,7 @@
-"""ECoFLaP importance scores per group of matrices (`sparsify.allocators.ecoflap`).
+"""ECoFLaP zeroth-order importance scores per group of matrices (`sparsify.allocators.ecoflap`); first order
+is `ecoflap_grads`.
 
-First order (`first_order_scores`): real gradients of the family's loss (`ecoflap_loss`) with respect
-to the adjustable weights, one backward pass per calibration row (or unit); a matrix scores the sum
-over its entries of |G| (or |G * W|), averaged over the passes (the reference's GradOnly score).
-Only the adjustable weights take gradients; everything else is frozen for the pass and restored.
-
-Zeroth order: for one group and one calibration unit u, draw a Gaussian direction z over all of the
+For one group and one calibration unit u, draw a Gaussian direction z over all of the
 group's weights (one independent draw per (group, sample), seeded by both), and add
 |L_u(W + eps z) - L_u(W - eps z)| / (2 eps) ~ |g_u . z| to the group's estimate; its expectation is
 sqrt(2 / pi) ||g_u||, the gradient norm of the group. The score is the mean over the samples drawn.
@@ -26,7 +22,6 @@ agree to floating-point rounding (tests/unit/test_ecoflap.py checks it in float6
 """
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -218,17 +213,6 @@ def _sample_group(model, layers, g: Group, gi: int, hidden, objective, batches, 
     return out
 
 
-def group_norms(per_pass: dict[str, list[float]], groups: list[Group]) -> dict[str, float]:
-    """{group: mean over the passes of sqrt(sum over its matrices of ||G||_2^2)}: the norm of the whole group's
-    gradient, what one zeroth-order draw over the group measures (up to sqrt(2 / pi)), from per-pass matrix norms."""
-    out = {}
-    for g in groups:
-        passes = zip(*(per_pass[n] for n in g.modules))
-        norms = [math.sqrt(sum(v * v for v in p)) for p in passes]
-        out[g.name] = sum(norms) / max(1, len(norms))
-    return out
-
-
 def naive_zeroth_order_scores(model: nn.Module, groups: list[Group], objective: Objective, batches: list[dict],
                               settings: ZerothOrder, device="cpu") -> dict[str, list[float]]:
     """The reference loop: per group and unit, W += eps z in place, run the whole model, W -= 2 eps z, run, restore."""
@@ -263,55 +247,3 @@ def naive_zeroth_order_scores(model: nn.Module, groups: list[Group], objective: 
                 for w, w0 in zip(weights, saved):
                     w.copy_(w0)
     return {g.name: values[g.name] for g in groups}
-
-
-def first_order_scores(model: nn.Module, modules: dict[str, nn.Module], objective: Objective, batches: list[dict],
-                       samples: int | None = None, weighted: bool = False, rows_per_pass: int = 1,
-                       device="cpu", norm: str = "l1", per_pass: bool = False) -> dict[str, float] | dict[str, list[float]]:
-    """{matrix: mean over the backward passes of the sum over its entries of |G| (or |G * W|)}.
-
-    ``norm="l2"`` takes the Euclidean norm of G (or G * W) instead of the sum of |.|: per matrix, what
-    a zeroth-order estimate measures (up to sqrt(2 / pi)). ``per_pass=True`` returns each pass's value
-    instead of their mean (a group's norm is then combined per pass: `group_norms`).
-
-    G is one pass's gradient (``rows_per_pass`` calibration rows, or one unit); the |.| is taken per
-    pass before averaging, as ECoFLaP's GradOnly score does per batch, so gradients that change sign
-    from sample to sample add up instead of cancelling.
-    """
-    units = units_of(objective, batches)
-    refs = references(model, objective, batches, device)
-    units_a_pass = max(1, rows_per_pass // max(1, len(units[0][1]))) if units else 1
-    passes = schedule(units, range(len(units) if samples is None else min(samples, len(units))), units_a_pass)
-    flags = {p: p.requires_grad for p in model.parameters()}
-    params = {n: m.weight for n, m in modules.items()}
-    values: dict[str, list[float]] = {n: [] for n in modules}
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-            p.grad = None
-        for p in params.values():
-            p.requires_grad_(True)
-        with no_kv_cache(model), torch.enable_grad():
-            for p in passes:
-                b = p[0][1]
-                rows = [r for _, _, unit in p for r in unit]
-                batch = to_device(_rows(batches[b], rows), device, clone=True)
-                result = objective.forward(model, batch)
-                slices, a = [], 0
-                for _, _, unit in p:
-                    slices.append((a, a + len(unit)))
-                    a += len(unit)
-                objective.losses(result, batch, refs[b], slices, torch.as_tensor(rows)).sum().backward()
-                for name, w in params.items():  # every matrix read before any is cleared (tied weights)
-                    if w.grad is None:  # no path from this pass's loss to the matrix
-                        values[name].append(0.0)
-                        continue
-                    g = w.grad * w.detach() if weighted else w.grad  # (out, in)
-                    values[name].append(float(g.abs().sum(dtype=torch.float64) if norm == "l1" else g.double().norm()))
-                for w in params.values():
-                    w.grad = None
-        return values if per_pass else {name: sum(v) / max(1, len(v)) for name, v in values.items()}
-    finally:
-        for p, flag in flags.items():
-            p.grad = None
-            p.requires_grad_(flag)

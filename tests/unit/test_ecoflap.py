@@ -12,8 +12,8 @@ from tiny_models import make_tiny
 
 from sparsify.allocators.ecoflap import ECoFLaPConfig, capped_fill
 from sparsify.allocators.ecoflap_loss import objective_for, unit_loss, units_of
-from sparsify.allocators.ecoflap_scores import (Group, ZerothOrder, first_order_scores, group_norms, naive_zeroth_order_scores,
-                                                 zeroth_order_scores)
+from sparsify.allocators.ecoflap_grads import first_order_scores, group_norms
+from sparsify.allocators.ecoflap_scores import Group, ZerothOrder, naive_zeroth_order_scores, zeroth_order_scores
 from sparsify.calibrate.batches import calibration_batches
 from sparsify.config import CalibConfig
 from sparsify.errors import UserError
